@@ -1,0 +1,1 @@
+"""Fine-tuning: recipes, model loading, LoRA, the block-diffusion objective, the trainer, merge and push."""

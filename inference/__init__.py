@@ -1,0 +1,1 @@
+"""Inference: block-diffusion sampling, evaluation and reports."""
