@@ -1,0 +1,210 @@
+"""LoRA that can be merged: one adapter per shared linear, used by both the encoder and the decoder pass.
+
+DiffusionGemma's encoder and decoder layers are different modules holding the same Parameters. Plain PEFT wraps
+each module separately, giving two adapters on one weight, which no merge can fold into a single weight. Here
+the decoder's target linears are pointed at the encoder's module objects first, so PEFT wraps each shared linear
+once and both passes run through that one wrapper.
+
+On disk the adapter is a standard PEFT folder whose `target_modules` cover both paths and whose decoder tensors
+are copies of the encoder's: plain PEFT loads it onto a plain model and computes exactly the same function, and
+this kit recognises the identical pairs and shares them again. An adapter whose two paths differ (as Unsloth's
+and TRL's DiffusionGemma recipes produce) is "separate": it runs as it is, but cannot be merged into one weight.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from dgemma_ft.errors import UserError
+from dgemma_ft.finetune.objective import unwrap_model
+from dgemma_ft.finetune.recipe import TEXT_LINEAR_NAMES
+
+ENCODER_LAYERS = "model.encoder.language_model.layers"
+DECODER_LAYERS = "model.decoder.layers"
+_SUBMODULE = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+              "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+
+
+def target_regex(targets: list[str] | tuple[str, ...] = TEXT_LINEAR_NAMES) -> str:
+    """PEFT `target_modules` regex for the text layers' linears on both paths (never the vision tower, whose
+    `Gemma4ClippableLinear` plain short names would also match, nor experts, router or self-conditioning)."""
+    attn = [t for t in targets if _SUBMODULE[t] == "self_attn"]
+    mlp = [t for t in targets if _SUBMODULE[t] == "mlp"]
+    parts = []
+    if attn:
+        parts.append(rf"self_attn\.({'|'.join(attn)})")
+    if mlp:
+        parts.append(rf"mlp\.({'|'.join(mlp)})")
+    return rf".*model\.(encoder\.language_model|decoder)\.layers\.\d+\.({'|'.join(parts)})"
+
+
+def _pairs(base, targets=TEXT_LINEAR_NAMES):
+    """(encoder parent, decoder parent, attribute name) for every target linear present in the model."""
+    encoder_layers = base.model.encoder.language_model.layers
+    decoder_layers = base.model.decoder.layers
+    for enc_layer, dec_layer in zip(encoder_layers, decoder_layers):
+        for name in targets:
+            enc_parent = getattr(enc_layer, _SUBMODULE[name])
+            dec_parent = getattr(dec_layer, _SUBMODULE[name])
+            if getattr(enc_parent, name, None) is not None:
+                yield enc_parent, dec_parent, name
+
+
+def share_decoder_linears(model, targets=TEXT_LINEAR_NAMES) -> int:
+    """Point the decoder's target linears at the encoder's module objects (same weights, so the function is
+    unchanged); afterwards an adapter wrapped around one is used by both passes. Returns how many were shared."""
+    base = unwrap_model(model)
+    count = 0
+    for enc_parent, dec_parent, name in _pairs(base, targets):
+        enc_module, dec_module = getattr(enc_parent, name), getattr(dec_parent, name)
+        if enc_module is dec_module:
+            continue
+        if hasattr(dec_module, "weight") and hasattr(enc_module, "weight") and \
+                dec_module.weight is not enc_module.weight and not _same_base_weight(enc_module, dec_module):
+            raise UserError("the encoder and decoder of this model do not share their text weights; it cannot "
+                            "carry one shared adapter (was it saved with untied weights?)")
+        setattr(dec_parent, name, enc_module)
+        count += 1
+    return count
+
+
+def _same_base_weight(a, b) -> bool:
+    weight_a = getattr(getattr(a, "base_layer", a), "weight", None)
+    weight_b = getattr(getattr(b, "base_layer", b), "weight", None)
+    return weight_a is not None and weight_a is weight_b
+
+
+def unshare_decoder_linears(model, targets=TEXT_LINEAR_NAMES) -> None:
+    """Give the decoder its own module objects again (sharing the same Parameters), as a freshly loaded
+    DiffusionGemma has. Used after merging, so the saved checkpoint has the standard layout."""
+    base = unwrap_model(model)
+    for enc_parent, dec_parent, name in _pairs(base, targets):
+        module = getattr(enc_parent, name)
+        if getattr(dec_parent, name) is module and isinstance(module, torch.nn.Linear):
+            clone = torch.nn.Linear.__new__(torch.nn.Linear)
+            torch.nn.Module.__init__(clone)
+            clone.in_features, clone.out_features = module.in_features, module.out_features
+            clone.weight = module.weight  # the same Parameter, as HF ties them
+            clone.bias = module.bias
+            setattr(dec_parent, name, clone)
+
+
+def attach_lora(model, r: int, alpha: float, dropout: float, targets=TEXT_LINEAR_NAMES):
+    """Wrap `model` in a PEFT model with one shared LoRA adapter per target linear; all else frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    share_decoder_linears(model, targets)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none",
+                        target_modules=target_regex(targets))
+    peft_model = get_peft_model(model, config)
+    _retie_wrappers(peft_model, targets)
+    return peft_model
+
+
+def _retie_wrappers(peft_model, targets=TEXT_LINEAR_NAMES) -> None:
+    """PEFT visits each shared module once (under its encoder name) and replaces it there only; point the decoder
+    at the same wrapper so both passes use one adapter."""
+    base = unwrap_model(peft_model)
+    for enc_parent, dec_parent, name in _pairs(base, targets):
+        wrapper = getattr(enc_parent, name)
+        current = getattr(dec_parent, name)
+        if current is not wrapper and getattr(wrapper, "base_layer", None) is current:
+            setattr(dec_parent, name, wrapper)
+
+
+# ------------------------------------------------------------------------------------------- adapter folders
+def read_adapter_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    file = path / "adapter_model.safetensors"
+    if file.exists():
+        return load_file(str(file))
+    file = path / "adapter_model.bin"
+    if file.exists():
+        return torch.load(file, map_location="cpu", weights_only=True)
+    raise UserError(f"{path}: no adapter_model.safetensors in this folder; point --adapter at a PEFT adapter "
+                    f"folder (a run's adapter/ folder)")
+
+
+def adapter_layout(path: str | Path) -> str:
+    """'shared' when every decoder LoRA tensor equals its encoder twin (or the adapter targets only one path),
+    'separate' when the two paths carry different adapters."""
+    tensors = read_adapter_tensors(path)
+    decoder_keys = [k for k in tensors if ".model.decoder.layers." in k]
+    if not decoder_keys:
+        return "shared"
+    for key in decoder_keys:
+        twin = key.replace(".model.decoder.layers.", ".model.encoder.language_model.layers.")
+        if twin not in tensors or not torch.equal(tensors[key], tensors[twin]):
+            return "separate"
+    return "shared"
+
+
+def adapter_base_name(path: str | Path) -> str | None:
+    config = Path(path) / "adapter_config.json"
+    if not config.exists():
+        raise UserError(f"{path}: no adapter_config.json; point --adapter at a PEFT adapter folder")
+    return json.loads(config.read_text()).get("base_model_name_or_path")
+
+
+def load_adapter(model, path: str | Path, trainable: bool = False):
+    """Load a PEFT adapter folder onto `model`: shared adapters are shared again (mergeable), separate ones are
+    loaded as plain PEFT does (two adapters per weight)."""
+    from peft import PeftModel
+
+    layout = adapter_layout(path)
+    if layout == "shared":
+        share_decoder_linears(model)
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(path), is_trainable=trainable)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise UserError(f"{path}: this adapter does not fit the base model ({str(exc).splitlines()[0]}); was it "
+                        f"trained on another base? Check model.name / the run's recipe") from None
+    if layout == "shared":
+        _retie_wrappers(peft_model)
+    peft_model.adapter_layout = layout
+    return peft_model
+
+
+def lora_param_names(model) -> list[str]:
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def is_text_linear(name: str) -> bool:
+    return re.fullmatch(target_regex() + r"(\..*)?", name) is not None
+
+
+def save_adapter(peft_model, path: str | Path) -> None:
+    """Save a PEFT adapter folder in the standard two-path form (see module docstring), atomically."""
+    from dgemma_ft.finetune.atomic import atomic_dir
+    from safetensors.torch import save_file
+
+    with atomic_dir(path) as staging:
+        peft_model.save_pretrained(str(staging))
+        file = staging / "adapter_model.safetensors"
+        tensors = read_adapter_tensors(staging)
+        if getattr(peft_model, "adapter_layout", "shared") == "shared":
+            for key in list(tensors):
+                if ".model.encoder.language_model.layers." in key:
+                    twin = key.replace(".model.encoder.language_model.layers.", ".model.decoder.layers.")
+                    tensors.setdefault(twin, tensors[key].clone())
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(file), metadata={"format": "pt"})
+
+
+def merge_shared(peft_model):
+    """Fold a shared adapter into the base weights and return the plain model, with the standard layout."""
+    if getattr(peft_model, "adapter_layout", "shared") != "shared":
+        raise UserError("this adapter has separate encoder and decoder weights, which cannot be folded into the "
+                        "shared base weights; use `merge --untie` to save a model whose encoder and decoder are "
+                        "separate, or evaluate the adapter unmerged")
+    model = peft_model.merge_and_unload()
+    base = unwrap_model(model)
+    for enc_parent, dec_parent, name in _pairs(base):
+        setattr(dec_parent, name, getattr(enc_parent, name))
+    unshare_decoder_linears(model)
+    return model
