@@ -158,6 +158,7 @@ def load_adapter(model, path: str | Path, trainable: bool = False):
     from peft import PeftModel
 
     layout = adapter_layout(path)
+    check_adapter_base(model, path)
     if layout == "shared":
         share_decoder_linears(model)
     try:
@@ -179,13 +180,42 @@ def is_text_linear(name: str) -> bool:
     return re.fullmatch(target_regex() + r"(\..*)?", name) is not None
 
 
-def save_adapter(peft_model, path: str | Path) -> None:
-    """Save a PEFT adapter folder in the standard two-path form (see module docstring), atomically."""
+BASE_RECORD = "dgemma_ft_base.json"
+
+
+def base_fingerprint(model) -> str:
+    """A short hash of the base's input embeddings: two bases with equal shapes but different weights differ."""
+    import hashlib
+
+    base = unwrap_model(model)
+    weight = base.model.decoder.embed_tokens.weight
+    sample = weight.detach()[: min(64, weight.shape[0])].float().cpu().contiguous()
+    return hashlib.sha256(sample.numpy().tobytes()).hexdigest()[:16]
+
+
+def check_adapter_base(model, path: str | Path) -> None:
+    """Refuse an adapter recorded as trained on a different base (same shapes would load silently)."""
+    record = Path(path) / BASE_RECORD
+    if not record.exists():
+        return
+    saved = json.loads(record.read_text())
+    current = base_fingerprint(model)
+    if saved.get("fingerprint") and saved["fingerprint"] != current:
+        raise UserError(f"{path}: this adapter was trained on base '{saved.get('base')}' (fingerprint "
+                        f"{saved['fingerprint']}), but the loaded base has fingerprint {current}; load the base it "
+                        f"was trained on (see the run's recipe.yaml)")
+
+
+def save_adapter(peft_model, path: str | Path, base_name: str | None = None) -> None:
+    """Save a PEFT adapter folder in the standard two-path form (see module docstring), atomically, with a
+    record of its base."""
     from dgemma_ft.finetune.atomic import atomic_dir
     from safetensors.torch import save_file
 
+    fingerprint = base_fingerprint(peft_model)  # embeddings carry no adapter, so this is the base's
     with atomic_dir(path) as staging:
         peft_model.save_pretrained(str(staging))
+        (staging / BASE_RECORD).write_text(json.dumps({"base": base_name, "fingerprint": fingerprint}, indent=2))
         file = staging / "adapter_model.safetensors"
         tensors = read_adapter_tensors(staging)
         if getattr(peft_model, "adapter_layout", "shared") == "shared":

@@ -6,7 +6,9 @@ a whole number of blocks. Then, per step:
 1. The encoder reads the clean sequence (prompt + all response blocks) causally, once, into a KV prefix that
    keeps every position (no sliding-window cropping: the window is applied in the decoder's mask instead).
 2. Blocks to denoise are chosen: `random` (one block per example, like the public reference) or `all` (every
-   block of every example in one decoder pass, block-causally masked, each block with its own t).
+   block of every example in one decoder pass, block-causally masked, each block with its own t). With
+   `canvas_samples` = n > 1 each chosen block is denoised n times, under n independent corruptions, in the same
+   decoder pass: the encoder pass (most of the cost when prompts are long) is shared by n loss samples.
 3. Each chosen block gets t = eps + (1 - eps) * U, and each of its canvas positions is replaced by a uniformly
    random vocabulary token with probability t (DiffusionGemma has no mask token).
 4. The decoder denoises the corrupted canvases. A canvas may see only the prompt and the clean blocks before
@@ -37,6 +39,7 @@ class ObjectiveConfig:
     self_conditioning_p: float = 0.5
     ar_weight: float = 1.0
     block_selection: Literal["random", "all"] = "random"
+    canvas_samples: int = 1  # independent corruptions of each chosen block, sharing one encoder pass
 
 
 @dataclass
@@ -76,21 +79,35 @@ def unwrap_model(model):
 
 
 class PrefixKV:
-    """A read-only KV prefix in the shape the DiffusionGemma decoder reads (`layers[i].keys/.values`)."""
+    """A KV prefix in the shape DiffusionGemma's layers read (`layers[i].keys/.values`, (B, heads, L, dim)).
+
+    The encoder appends to it through `update` (the `Cache` method its attention calls); the decoder only reads.
+    Unlike `DynamicCache(config=...)` it never crops sliding-window layers: masks apply the window instead, so
+    training sees exactly the positions inference would.
+    """
 
     is_compileable = False
 
-    def __init__(self, layers: list[SimpleNamespace]):
-        self.layers = layers
+    def __init__(self, layers: list[SimpleNamespace] | None = None):
+        self.layers = layers or []
 
-    @classmethod
-    def from_cache(cls, cache) -> PrefixKV:
-        return cls([SimpleNamespace(keys=layer.keys, values=layer.values) for layer in cache.layers])
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
+        while len(self.layers) <= layer_idx:
+            self.layers.append(SimpleNamespace(keys=None, values=None))
+        layer = self.layers[layer_idx]
+        if layer.keys is None:
+            layer.keys, layer.values = keys, values
+        else:
+            layer.keys = torch.cat([layer.keys, keys], dim=-2)
+            layer.values = torch.cat([layer.values, values], dim=-2)
+        return layer.keys, layer.values
 
     def select(self, rows: torch.Tensor) -> PrefixKV:
         return PrefixKV([SimpleNamespace(keys=layer.keys[rows], values=layer.values[rows]) for layer in self.layers])
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
+        if len(self.layers) <= layer_idx or self.layers[layer_idx].keys is None:
+            return 0
         return self.layers[layer_idx].keys.shape[-2]
 
 
@@ -141,19 +158,17 @@ def softcapped_logits(base, hidden: torch.Tensor) -> torch.Tensor:
 
 def encode_prefix(base, input_ids: torch.Tensor):
     """Run the encoder causally over `input_ids` (B, L); returns (last hidden state, full-length PrefixKV)."""
-    from transformers import DynamicCache
-
     length = input_ids.shape[1]
     dtype = base.model.decoder.embed_tokens.weight.dtype
-    cache = DynamicCache()  # no config: every layer keeps all positions; the decoder mask applies the window
+    prefix = PrefixKV()
     outputs = base.model.encoder(
         input_ids=input_ids,
         attention_mask=encoder_masks(length, base.config.text_config.sliding_window, dtype, input_ids.device),
-        past_key_values=cache,
+        past_key_values=prefix,
         position_ids=torch.arange(length, device=input_ids.device)[None],
         use_cache=True,
     )
-    return outputs.last_hidden_state, PrefixKV.from_cache(outputs.past_key_values)
+    return outputs.last_hidden_state, prefix
 
 
 def decode_canvases(base, canvas: torch.Tensor, starts: torch.Tensor, prefix: PrefixKV,
@@ -205,6 +220,8 @@ def block_diffusion_loss(model, batch: BlockBatch, config: ObjectiveConfig, gene
         block_index = (draw * num_blocks).long().clamp(max=num_blocks - 1)[:, None]
     else:
         block_index = torch.arange(int(num_blocks.max()), device=device).expand(batch_size, -1)
+    if config.canvas_samples > 1:
+        block_index = block_index.repeat_interleave(config.canvas_samples, dim=1)
     block_valid = block_index < num_blocks[:, None]
     starts = prompt_lengths[:, None] + block_index * canvas_length  # (B, K)
     blocks = block_index.shape[1]

@@ -44,6 +44,8 @@ class TaskSection(_Section):
     train: SourceSpec = Field(default_factory=SourceSpec)
     eval: SourceSpec | None = None
     exclude_eval_from_train: bool = True
+    exclude_sources: list[str] = Field(default_factory=list,
+                                       description="more evaluation sources whose examples training must not contain")
 
 
 class LoraSection(_Section):
@@ -77,6 +79,7 @@ class TrainSection(_Section):
     self_conditioning_p: float = Field(0.5, ge=0, le=1)
     ar_weight: float = Field(1.0, ge=0)
     block_selection: Literal["random", "all"] = "random"
+    canvas_samples: int = Field(1, gt=0, description="corruptions per chosen block, sharing one encoder pass")
     max_blocks: int | None = Field(None, gt=0)
     checkpoint_every: int = Field(200, gt=0)
     keep_checkpoints: int = Field(2, gt=0)

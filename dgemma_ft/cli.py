@@ -1,0 +1,152 @@
+"""The `dgemma-ft` command. `dgemma-ft RECIPE.yaml` is short for `dgemma-ft train RECIPE.yaml`."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from dgemma_ft.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fine-tune DiffusionGemma (block diffusion) on structured tasks, and check its answers.")
+console = Console(stderr=False)
+err = Console(stderr=True)
+
+SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe field: key.sub=value")]
+
+
+@app.command()
+def train(recipe: Annotated[Path, typer.Argument(help="YAML recipe")],
+          set_: SetOption = None,
+          resume: Annotated[bool, typer.Option("--resume", help="continue from the newest checkpoint")] = False,
+          evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="evaluate after training")] = True):
+    """Train as RECIPE says, then evaluate the result on the recipe's eval set."""
+    from dgemma_ft.finetune.recipe import load_recipe
+    from dgemma_ft.finetune.run import is_main_process
+    from dgemma_ft.finetune.run import train as run_training
+
+    loaded = load_recipe(recipe, set_ or [])
+    run_dir = run_training(loaded, resume=resume, console=console)
+    if evaluate and loaded.eval.after_train and loaded.task.eval is not None and is_main_process():
+        from dgemma_ft.inference.run_eval import run_evaluation
+
+        run_evaluation(run_dir, console=console)
+
+
+@app.command()
+def check(recipe: Annotated[Path, typer.Argument(help="YAML recipe")], set_: SetOption = None):
+    """Validate RECIPE (keys, values, task options, data sources, model name) without training."""
+    from dgemma_ft.finetune.check import check_recipe
+
+    for line in check_recipe(recipe, set_ or []):
+        console.print(line)
+    console.print("[bold green]ok[/]: the recipe is valid")
+
+
+def _steps(value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        steps = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"--steps {value!r}: give comma-separated step counts, e.g. --steps 1,4,16,48") from None
+    if not steps or any(s <= 0 for s in steps):
+        raise UserError(f"--steps {value!r}: step counts must be positive, e.g. --steps 1,4,16,48")
+    return steps
+
+
+@app.command("eval")
+def eval_command(
+        target: Annotated[str, typer.Argument(help="run folder, recipe .yaml, or merged model folder")],
+        adapter: Annotated[Optional[str], typer.Option(help="evaluate this PEFT adapter on the base")] = None,
+        base: Annotated[bool, typer.Option("--base", help="also evaluate the base model, for comparison")] = False,
+        data: Annotated[Optional[str], typer.Option(help="evaluation data: FILE or hf:owner/name[:config][@split]")]
+        = None,
+        limit: Annotated[Optional[int], typer.Option(help="evaluate the first N examples")] = None,
+        steps: Annotated[Optional[str], typer.Option(help="denoising step counts, e.g. 1,4,16,48")] = None,
+        pin: Annotated[Optional[bool], typer.Option("--pin/--no-pin", help="hold the task's known tokens")] = None,
+        renoise: Annotated[Optional[bool], typer.Option("--renoise/--no-renoise",
+                                                        help="send validator-flagged tokens back to noise")] = None,
+        both: Annotated[bool, typer.Option("--compare", help="run every pin x renoise combination")] = False,
+        batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="examples per batch")] = None,
+        seed: Annotated[Optional[int], typer.Option(help="sampling seed")] = None,
+        out: Annotated[Optional[Path], typer.Option(help="report folder (default: TARGET/eval)")] = None):
+    """Evaluate a model on its task and write eval/report.md, report.json, predictions.jsonl and plots."""
+    from dgemma_ft.inference.run_eval import run_evaluation
+
+    if limit is not None and limit <= 0:
+        raise UserError("--limit must be a positive number of examples")
+    if batch_size is not None and batch_size <= 0:
+        raise UserError("--batch-size must be positive")
+    run_evaluation(target, adapter=adapter, include_base=base, data=data, limit=limit, steps=_steps(steps),
+                   pin=pin, renoise=renoise, batch_size=batch_size, out_dir=out, seed=seed, console=console,
+                   compare=both)
+
+
+@app.command()
+def generate(
+        target: Annotated[str, typer.Argument(help="run folder, recipe .yaml, or merged model folder")],
+        prompt: Annotated[Optional[str], typer.Option(help="a free-text prompt")] = None,
+        example: Annotated[Optional[int], typer.Option(help="answer example N of the eval data, with its verdict")]
+        = None,
+        steps: Annotated[Optional[int], typer.Option(help="max denoising steps per block")] = None,
+        pin: Annotated[bool, typer.Option("--pin/--no-pin")] = True,
+        renoise: Annotated[bool, typer.Option("--renoise/--no-renoise")] = False,
+        seed: Annotated[int, typer.Option()] = 0,
+        trace: Annotated[Optional[str], typer.Option(help="save the denoising trace as PNG (or .gif)")] = None,
+        data: Annotated[Optional[str], typer.Option(help="data for --example (default: the recipe's eval)")] = None,
+        adapter: Annotated[Optional[str], typer.Option(help="a PEFT adapter on the base")] = None):
+    """Answer one prompt and print the answer (and its verdict for --example)."""
+    from dgemma_ft.inference.run_eval import generate_one
+
+    result = generate_one(target, prompt=prompt, example=example, steps=steps, pin=pin, renoise=renoise, seed=seed,
+                          trace=trace, data=data, adapter=adapter)
+    console.print(f"[bold]prompt[/]\n{result['prompt']}", highlight=False)
+    console.print(f"[bold]answer[/]\n{result['output']}", highlight=False)
+    if "verdict" in result:
+        verdict = result["verdict"]
+        colour = "green" if verdict["correct"] else "red"
+        console.print(f"[bold {colour}]{'correct' if verdict['correct'] else 'wrong'}[/] "
+                      f"(score {verdict['score']:.2f}): {verdict['reason']}", highlight=False)
+    stats = result["stats"]
+    console.print(f"{stats['denoising_steps']} denoising steps, {stats['decoder_forwards']} decoder forwards, "
+                  f"{stats['tokens_per_forward']} tokens/forward" + (f"; trace: {result['trace']}"
+                                                                      if "trace" in result else ""))
+
+
+COMMANDS = {"train", "check", "eval", "generate", "merge", "push", "--help", "-h"}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        argv.insert(0, "train")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app(argv, prog_name="dgemma-ft", standalone_mode=False)
+    except UserError as exc:
+        err.print(f"[bold red]error[/]: {exc}", highlight=False, soft_wrap=True)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        err.print("interrupted; the newest complete checkpoint is kept (continue with --resume)")
+        raise SystemExit(130) from None
+    except typer.Exit as exc:
+        raise SystemExit(exc.exit_code) from None
+    except Exception as exc:  # click usage errors come through here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            raise SystemExit(exc.exit_code) from None
+        if isinstance(exc, click.exceptions.Abort):
+            raise SystemExit(1) from None
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""Load the model and tokenizer a recipe names: the built-in `tiny`, a Hub id, a local folder, or a run folder
+(a finished training run, whose weights or adapter sit on top of the base its recipe names)."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dgemma_ft.errors import UserError
+from dgemma_ft.finetune.recipe import ModelSection
+
+# Modules that stay in full precision under 4-bit loading: the vision tower, the router, self-conditioning and
+# the head are small or numerically delicate; bitsandbytes cannot quantize the 3-D expert tensors anyway.
+KEEP_FULL_PRECISION = ["vision_tower", "embed_vision", "router", "self_conditioning", "lm_head"]
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    source: str  # what was loaded, for the run record and model cards
+    base_name: str  # the base checkpoint at the root of any run-folder chain
+
+
+def is_run_folder(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / "recipe.yaml").is_file() and ((path / "model").is_dir() or (path / "adapter").is_dir())
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_model(section: ModelSection, merge_adapter: bool = True) -> LoadedModel:
+    """The model and tokenizer for `section`; errors say what to change. A run folder's adapter is merged in
+    memory (so a new adapter can go on top) unless `merge_adapter` is False (evaluation runs it as it is)."""
+    dtype = resolve_dtype(section.dtype)
+    if section.backend == "unsloth":
+        return _load_unsloth(section, dtype)
+    name = section.name
+    if name == "tiny":
+        from dgemma_ft.finetune.tiny import build_tiny_model
+
+        model, tokenizer = build_tiny_model(section.tiny)
+        model.to(dtype)
+        _set_attention(model, section.attn_implementation)
+        return LoadedModel(model, tokenizer, source="tiny", base_name="tiny")
+    if is_run_folder(name):
+        return _load_run_folder(Path(name), section, dtype, merge_adapter)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model.name: folder '{name}' has no config.json; point it at a saved model folder "
+                            f"(save_pretrained output), a run folder, a Hub id, or 'tiny'")
+        return _load_pretrained(str(path), section, dtype)
+    if name.count("/") == 1 and not name.startswith((".", "/")):
+        return _load_pretrained(name, section, dtype)
+    raise UserError(f"model.name: '{name}' is neither 'tiny', an existing folder, nor a Hub id (owner/name)")
+
+
+def _set_attention(model, implementation: str) -> None:
+    """Training masks are explicit 4-D additive masks, which sdpa and eager read; flash attention cannot."""
+    model.config._attn_implementation = implementation
+    for sub in (model.config.text_config, getattr(model.config, "vision_config", None)):
+        if sub is not None:
+            sub._attn_implementation = implementation
+
+
+def _quantization_config(section: ModelSection, dtype: torch.dtype):
+    if not section.load_in_4bit:
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("model.load_in_4bit needs bitsandbytes: pip install 'dgemma-ft[bnb]' (or set "
+                        "model.load_in_4bit: false)")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.float32,
+                              llm_int8_skip_modules=KEEP_FULL_PRECISION)
+
+
+def _load_pretrained(name: str, section: ModelSection, dtype: torch.dtype) -> LoadedModel:
+    from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
+
+    kwargs = dict(dtype=dtype, attn_implementation=section.attn_implementation, revision=section.revision)
+    quantization = _quantization_config(section, dtype)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+        kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
+    try:
+        model = DiffusionGemmaForBlockDiffusion.from_pretrained(name, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(name, revision=section.revision)
+    except OSError as exc:
+        if Path(name).exists():
+            raise UserError(f"model.name: cannot load '{name}': {str(exc).splitlines()[0]}") from None
+        raise UserError(f"model.name: cannot fetch '{name}' from the Hugging Face Hub (offline, no access, or a "
+                        f"wrong id). Download it where the Hub is reachable (`hf download {name} --local-dir "
+                        f"DIR`) and set model.name to that local folder") from None
+    if quantization is not None:
+        _share_after_quantization(model)
+    return LoadedModel(model, tokenizer, source=name, base_name=name)
+
+
+def _share_after_quantization(model) -> None:
+    """bitsandbytes replaces encoder and decoder linears separately; point the decoder at the encoder's
+    quantized modules so the shared weights stay shared (and one adapter serves both)."""
+    from dgemma_ft.finetune.lora import share_decoder_linears
+
+    base = model
+    for enc_layer, dec_layer in zip(base.model.encoder.language_model.layers, base.model.decoder.layers):
+        for group in ("self_attn", "mlp"):
+            enc_parent, dec_parent = getattr(enc_layer, group), getattr(dec_layer, group)
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+                if getattr(enc_parent, name, None) is not None and hasattr(dec_parent, name):
+                    setattr(dec_parent, name, getattr(enc_parent, name))
+    share_decoder_linears(model)
+
+
+def _load_run_folder(path: Path, section: ModelSection, dtype: torch.dtype, merge: bool = True) -> LoadedModel:
+    """A finished run: full weights in model/, or its base (from its recipe) plus the adapter in adapter/,
+    merged in memory so a new adapter can go on top."""
+    from dgemma_ft.finetune.recipe import load_recipe
+
+    if (path / "model").is_dir():
+        run_recipe = load_recipe(path / "recipe.yaml")
+        inner = section.model_copy(update={"name": str(path / "model")})
+        loaded = _load_pretrained(str(path / "model"), inner, dtype)
+        loaded.source = str(path)
+        loaded.base_name = run_recipe.model.name if run_recipe.model.name != "tiny" else str(path)
+        return loaded
+    from dgemma_ft.finetune.lora import load_adapter, merge_shared
+
+    run_recipe = load_recipe(path / "recipe.yaml")
+    base = load_model(run_recipe.model.model_copy(update={"dtype": section.dtype}))
+    adapted = load_adapter(base.model, path / "adapter")
+    model = merge_shared(adapted) if merge else adapted
+    return LoadedModel(model, base.tokenizer, source=str(path), base_name=base.base_name)
+
+
+def _load_unsloth(section: ModelSection, dtype: torch.dtype) -> LoadedModel:
+    """Unsloth's loader (fast kernels, its 4-bit path) when it is installed and a GPU is present."""
+    if not torch.cuda.is_available():
+        raise UserError("model.backend: unsloth needs a CUDA GPU; use backend: peft on this machine")
+    if importlib.util.find_spec("unsloth") is None:
+        raise UserError("model.backend: unsloth is not installed: pip install 'dgemma-ft[unsloth]' (it pins "
+                        "transformers<=5.17), or use backend: peft")
+    if section.name == "tiny" or is_run_folder(section.name):
+        raise UserError("model.backend: unsloth loads Hub ids and saved model folders only; use backend: peft "
+                        "for 'tiny' and run folders")
+    from unsloth import FastModel  # noqa: I001  (unsloth must be imported before transformers patches apply)
+
+    try:
+        model, tokenizer = FastModel.from_pretrained(model_name=section.name, dtype=dtype,
+                                                     load_in_4bit=section.load_in_4bit, full_finetuning=False)
+    except OSError as exc:
+        raise UserError(f"model.name: unsloth cannot load '{section.name}': {str(exc).splitlines()[0]}; "
+                        f"download it and point model.name at the local folder") from None
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    return LoadedModel(model, tokenizer, source=section.name, base_name=section.name)

@@ -1,0 +1,198 @@
+"""A thin `transformers.Trainer` subclass: the block-diffusion loss, atomic checkpoints, a NaN guard, and the
+objective's own figures (diffusion loss, AR loss, mean t) in the logs. Everything else (accumulation,
+schedules, bf16, resume, DDP through `accelerate launch`/`torchrun`) is the stock Trainer's."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from dgemma_ft.errors import UserError
+from dgemma_ft.finetune.data import as_block_batch
+from dgemma_ft.finetune.objective import ObjectiveConfig, block_diffusion_loss
+
+STAGING = ".staging"
+
+
+class NonFiniteLossError(UserError):
+    """The loss became NaN or infinite; training stops before the optimizer step can spoil the weights."""
+
+
+class BlockDiffusionTrainer(Trainer):
+    def __init__(self, *args, objective: ObjectiveConfig, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.objective = objective
+        self._figures: dict[str, list[float]] = {"diffusion_loss": [], "ar_loss": [], "mean_t": []}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = block_diffusion_loss(model, as_block_batch(inputs), self.objective)
+        if not torch.isfinite(out.loss):
+            last = newest_checkpoint(self.args.output_dir)
+            raise NonFiniteLossError(
+                f"the loss became {float(out.loss)} at step {self.state.global_step + 1}; training stopped before "
+                f"the update. The last good checkpoint is {last or 'none (none was written yet)'}. Lower train.lr, "
+                f"raise train.warmup_steps, or use model.dtype: float32")
+        self._figures["diffusion_loss"].append(float(out.diffusion_loss))
+        self._figures["mean_t"].append(float(out.mean_t))
+        if out.ar_loss is not None:
+            self._figures["ar_loss"].append(float(out.ar_loss))
+        return (out.loss, out) if return_outputs else out.loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            for name, values in self._figures.items():
+                if values:
+                    logs[name] = sum(values) / len(values)
+                    values.clear()
+        super().log(logs, start_time)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write checkpoint-N into a staging folder, then rename it into place: a killed run never leaves a
+        half-written checkpoint for `--resume` to trip over."""
+        run_dir = Path(self.args.output_dir)
+        staging_root = run_dir / STAGING
+        name = f"checkpoint-{self.state.global_step}"
+        keep_limit = self.args.save_total_limit
+        self.args.output_dir, self.args.save_total_limit = str(staging_root), None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir, self.args.save_total_limit = str(run_dir), keep_limit
+        if self.args.should_save:
+            final = run_dir / name
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging_root / name, final)
+            shutil.rmtree(staging_root, ignore_errors=True)
+            _rotate(run_dir, keep_limit)
+        if self.args.world_size > 1:
+            torch.distributed.barrier()
+
+
+def _rotate(run_dir: Path, keep: int | None) -> None:
+    if not keep:
+        return
+    checkpoints = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    for old in checkpoints[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def newest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step (staging folders are never complete ones)."""
+    found = [p for p in Path(checkpoint_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[1].isdigit()]
+    return max(found, key=lambda p: int(p.name.split("-")[1])) if found else None
+
+
+def training_arguments(train, run_dir: Path, use_cuda: bool, bf16: bool) -> TrainingArguments:
+    """Map the recipe's `train` section onto `TrainingArguments`."""
+    schedule = {"cosine": "cosine_with_min_lr", "linear": "linear", "constant": "constant_with_warmup"}[train.schedule]
+    kwargs = {"min_lr": train.min_lr} if train.schedule == "cosine" else {}
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "logs"))
+    return TrainingArguments(
+        output_dir=str(run_dir / "checkpoints"),
+        max_steps=train.steps,
+        per_device_train_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        learning_rate=train.lr,
+        lr_scheduler_type=schedule,
+        lr_scheduler_kwargs=kwargs,
+        warmup_steps=train.warmup_steps,
+        weight_decay=train.weight_decay,
+        adam_beta1=train.betas[0],
+        adam_beta2=train.betas[1],
+        max_grad_norm=train.max_grad_norm,
+        logging_steps=train.log_every,
+        save_strategy="steps",
+        save_steps=train.checkpoint_every,
+        save_total_limit=train.keep_checkpoints,
+        report_to=["tensorboard"],
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        bf16=bf16,
+        use_cpu=not use_cuda,
+        ddp_backend=None if use_cuda else "gloo",
+        seed=train.seed,
+        data_seed=train.seed,
+        gradient_checkpointing=train.gradient_checkpointing,
+        dataloader_num_workers=0,
+        save_safetensors=True,
+    )
+
+
+class RichProgress(TrainerCallback):
+    """A rich progress bar with the loss and examples/s, on the main process only."""
+
+    def __init__(self, examples_per_step: int):
+        self.examples_per_step = examples_per_step
+        self.progress = None
+        self.task = None
+        self.started = None
+        self.first_step = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+            TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[figures]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                 transient=False)
+        self.progress.start()
+        self.first_step = state.global_step
+        self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step,
+                                           figures="")
+        self.started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.update(self.task, completed=state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.progress is None or not logs or "loss" not in logs:
+            return
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        rate = (state.global_step - self.first_step) * self.examples_per_step / elapsed
+        figures = f"loss {logs['loss']:.4f}"
+        if "ar_loss" in logs:
+            figures += f" (diff {logs['diffusion_loss']:.4f}, ar {logs['ar_loss']:.4f})"
+        figures += f"  {rate:.1f} ex/s  lr {logs.get('learning_rate', 0):.2e}"
+        self.progress.update(self.task, figures=figures)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+class JsonlLog(TrainerCallback):
+    """Append every log record to logs/train_log.jsonl; on resume, drop records past the checkpoint so the log
+    continues without duplicate steps."""
+
+    def __init__(self, path: Path, resume_step: int = 0):
+        import json
+
+        self.path = path
+        self._json = json
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        record = {"step": state.global_step, **{k: v for k, v in logs.items() if _is_number(v)}}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as handle:
+            handle.write(self._json.dumps(record) + "\n")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value))

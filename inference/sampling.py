@@ -1,0 +1,310 @@
+"""Batched block-diffusion sampling for DiffusionGemma, with pinned tokens and validator-guided renoising.
+
+The algorithm is the model's own (`DiffusionGemmaForBlockDiffusion.generate`): blocks of `canvas_length` tokens
+are generated one after another; inside a block the canvas starts as uniform noise and, at each denoising step,
+the decoder predicts every position, the temperature schedule (t_max -> t_min) scales the logits, the tokens with
+the lowest entropies are accepted under the entropy bound, the rest are renoised, and the block stops early once
+its argmax is stable and confident. Self-conditioning feeds each step's logits to the next.
+
+What this module adds:
+- Batching that does not change answers: prompts are left-padded, but every example keeps its own positions,
+  padding is masked out explicitly, and every random draw comes from the example's own generator, so an answer
+  does not depend on its batch neighbours (only on its seed). Finished examples leave the batch.
+- Pinned tokens: positions whose token is known in advance (e.g. Sudoku givens) are fixed from the first step.
+- Renoising: between steps, positions the task's validator flags on the current argmax are sent back to noise
+  instead of being accepted, within a budget of steps per block.
+- Statistics and an optional trace of every step for one example.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from dgemma_ft.finetune.objective import PrefixKV, _additive, softcapped_logits, unwrap_model
+
+
+@dataclass
+class SamplerConfig:
+    """Generation settings; defaults are the released model's generation config."""
+
+    max_denoising_steps: int = 48
+    entropy_bound: float = 0.1
+    t_min: float = 0.4
+    t_max: float = 0.8
+    stability_threshold: int = 1
+    confidence_threshold: float = 0.005
+    max_new_tokens: int = 256
+    renoise_budget: int = 8  # steps per block in which validator-flagged positions are renoised
+
+    @classmethod
+    def from_model(cls, model, **overrides) -> SamplerConfig:
+        """Defaults from the model's generation config (what `generate()` would use), then `overrides`."""
+        config = cls()
+        generation = getattr(unwrap_model(model), "generation_config", None)
+        for name in ("max_denoising_steps", "t_min", "t_max", "stability_threshold", "confidence_threshold",
+                     "max_new_tokens"):
+            value = getattr(generation, name, None)
+            if value is not None:
+                setattr(config, name, value)
+        sampler = getattr(generation, "sampler_config", None)
+        bound = getattr(sampler, "entropy_bound", None) or (sampler or {}).get("entropy_bound") \
+            if isinstance(sampler, dict) else getattr(sampler, "entropy_bound", None)
+        if bound:
+            config.entropy_bound = float(bound)
+        for name, value in overrides.items():
+            if value is not None:
+                setattr(config, name, value)
+        return config
+
+
+@dataclass
+class Request:
+    """One prompt to answer. `pinned`: {answer token index: token id}; `violations(answer_ids)` returns answer
+    token indices that break a constraint in the current draft (only called when renoising is on)."""
+
+    prompt_ids: list[int]
+    seed: int = 0
+    pinned: dict[int, int] = field(default_factory=dict)
+    violations: Callable[[list[int]], list[int]] | None = None
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]  # the answer, up to and including the first end-of-sequence token
+    steps: int = 0  # denoising steps over all blocks
+    forwards: int = 0  # decoder forward passes spent on this example
+    blocks: int = 0
+    renoised: int = 0  # positions sent back to noise by the validator
+    trace: list[dict] | None = None
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return len(self.token_ids) / self.forwards if self.forwards else 0.0
+
+
+class BlockDiffusionSampler:
+    def __init__(self, model, config: SamplerConfig, eos_token_ids: list[int] | None = None):
+        self.model = model
+        self.base = unwrap_model(model)
+        self.config = config
+        generation = getattr(self.base, "generation_config", None)
+        eos = eos_token_ids if eos_token_ids is not None else getattr(generation, "eos_token_id", None)
+        self.eos_ids = torch.tensor(eos if isinstance(eos, list) else [eos] if eos is not None else [],
+                                    dtype=torch.long)
+        self.canvas = self.base.config.canvas_length
+        self.vocab = self.base.config.text_config.vocab_size
+        self.window = self.base.config.text_config.sliding_window
+        self.dtype = self.base.model.decoder.embed_tokens.weight.dtype
+
+    # --------------------------------------------------------------------------------------------- helpers
+    @property
+    def device(self) -> torch.device:
+        return self.base.lm_head.weight.device
+
+    def _temperature(self, step: int) -> float:
+        c = self.config
+        return c.t_min + (c.t_max - c.t_min) * (step / c.max_denoising_steps)
+
+    def _encode(self, prefix: PrefixKV, key_pos: torch.Tensor, key_ok: torch.Tensor, tokens: torch.Tensor,
+                positions: torch.Tensor, valid: torch.Tensor) -> None:
+        """Append `tokens` (B, n) at `positions` to the encoder prefix, causally, masking invalid keys."""
+        all_pos = torch.cat([key_pos, positions], dim=1)
+        all_ok = torch.cat([key_ok, valid], dim=1)
+        query = positions[:, :, None]
+        keys = all_pos[:, None, :]
+        causal = all_ok[:, None, :] & (keys <= query)
+        # padding queries still need one visible key to avoid empty softmax rows
+        causal |= ~valid[:, :, None] & (torch.arange(all_pos.shape[1], device=tokens.device)[None, None, :] ==
+                                        (key_pos.shape[1] + torch.arange(tokens.shape[1], device=tokens.device))[
+                                            None, :, None])
+        sliding = causal & ((query - keys < self.window) | ~valid[:, :, None])
+        masks = {"full_attention": _additive(causal, self.dtype)[:, None],
+                 "sliding_attention": _additive(sliding, self.dtype)[:, None]}
+        self.base.model.encoder(input_ids=tokens, attention_mask=masks, past_key_values=prefix,
+                                position_ids=positions.clamp(min=0), use_cache=True)
+
+    def _decoder_masks(self, key_pos: torch.Tensor, key_ok: torch.Tensor, starts: torch.Tensor):
+        start = starts[:, None, None]
+        keys = key_pos[:, None, :]
+        ok = key_ok[:, None, :]
+        full = ok & (keys < start)
+        sliding = full & (keys >= start - (self.window - 1))
+        canvas = torch.ones(key_pos.shape[0], 1, self.canvas, dtype=torch.bool, device=key_pos.device)
+        full = torch.cat([full, canvas], dim=-1).expand(-1, self.canvas, -1)
+        sliding = torch.cat([sliding, canvas], dim=-1).expand(-1, self.canvas, -1)
+        return {"full_attention": _additive(full, self.dtype)[:, None],
+                "sliding_attention": _additive(sliding, self.dtype)[:, None]}
+
+    # ----------------------------------------------------------------------------------------------- main
+    @torch.no_grad()
+    def generate(self, requests: list[Request], pin: bool = True, renoise: bool = False,
+                 trace_index: int | None = None) -> list[Generation]:
+        """Answer every request; returns one `Generation` each, in order."""
+        device = self.device
+        count = len(requests)
+        results = [Generation(token_ids=[]) for _ in requests]
+        if trace_index is not None:
+            results[trace_index].trace = []
+        generators = [torch.Generator().manual_seed(int(r.seed)) for r in requests]
+        lengths = torch.tensor([len(r.prompt_ids) for r in requests], device=device)
+        width = int(lengths.max())
+        pad = width - lengths
+        ids = torch.zeros(count, width, dtype=torch.long, device=device)
+        for i, request in enumerate(requests):
+            ids[i, int(pad[i]):] = torch.tensor(request.prompt_ids, dtype=torch.long, device=device)
+        positions = torch.arange(width, device=device)[None] - pad[:, None]
+        valid = positions >= 0
+        prefix = PrefixKV()
+        key_pos = torch.zeros(count, 0, dtype=torch.long, device=device)
+        key_ok = torch.zeros(count, 0, dtype=torch.bool, device=device)
+        self._encode(prefix, key_pos, key_ok, ids, positions, valid)
+        key_pos, key_ok = positions, valid
+        starts = lengths.clone()
+        active = torch.arange(count, device=device)
+        max_blocks = max(1, math.ceil(self.config.max_new_tokens / self.canvas))
+        for block in range(max_blocks):
+            canvas = self._denoise_block(requests, results, generators, active, prefix, key_pos, key_ok, starts,
+                                         block, pin, renoise, trace_index)
+            still = []
+            for row, index in enumerate(active.tolist()):
+                tokens = canvas[row].tolist()
+                results[index].blocks += 1
+                hit = [k for k, tok in enumerate(tokens) if tok in set(self.eos_ids.tolist())]
+                if hit:
+                    results[index].token_ids.extend(tokens[:hit[0] + 1])
+                else:
+                    results[index].token_ids.extend(tokens)
+                    still.append(row)
+            if not still or block == max_blocks - 1:
+                break
+            keep = torch.tensor(still, device=device)
+            prefix = prefix.select(keep)
+            key_pos, key_ok, starts, canvas, active = key_pos[keep], key_ok[keep], starts[keep], canvas[keep], \
+                active[keep]
+            new_pos = starts[:, None] + torch.arange(self.canvas, device=device)
+            new_ok = torch.ones_like(new_pos, dtype=torch.bool)
+            self._encode(prefix, key_pos, key_ok, canvas, new_pos, new_ok)
+            key_pos = torch.cat([key_pos, new_pos], dim=1)
+            key_ok = torch.cat([key_ok, new_ok], dim=1)
+            starts = starts + self.canvas
+        return results
+
+    def _denoise_block(self, requests, results, generators, active, prefix, key_pos, key_ok, starts, block,
+                       pin, renoise, trace_index) -> torch.Tensor:
+        """Denoise one canvas for each active row; returns the final argmax canvases (rows of `active`)."""
+        c = self.config
+        device = self.device
+        rows = active.shape[0]
+        size = self.canvas
+        offset = block * size
+        canvas = torch.stack([torch.randint(self.vocab, (size,), generator=generators[i]) for i in active.tolist()])
+        canvas = canvas.to(device)
+        pin_mask = torch.zeros(rows, size, dtype=torch.bool, device=device)
+        pin_tokens = torch.zeros(rows, size, dtype=torch.long, device=device)
+        if pin:
+            for row, index in enumerate(active.tolist()):
+                for token_index, token in requests[index].pinned.items():
+                    if offset <= token_index < offset + size:
+                        pin_mask[row, token_index - offset] = True
+                        pin_tokens[row, token_index - offset] = token
+            canvas = torch.where(pin_mask, pin_tokens, canvas)
+        argmax = canvas.clone()
+        history = torch.full((max(c.stability_threshold, 1), rows, size), -1, dtype=torch.long, device=device)
+        finished = torch.zeros(rows, dtype=torch.bool, device=device)
+        sc_logits = None
+        budget = torch.full((rows,), c.renoise_budget if renoise else 0, device=device)
+        masks = self._decoder_masks(key_pos, key_ok, starts)
+        positions = starts[:, None] + torch.arange(size, device=device)
+        live_rows = None
+        for step in reversed(range(1, c.max_denoising_steps + 1)):
+            live = (~finished).nonzero().squeeze(1)
+            if live.numel() == 0:
+                break
+            if live_rows is None or live_rows.shape != live.shape or not torch.equal(live_rows, live):
+                live_rows = live
+                live_prefix = prefix if live.numel() == rows else prefix.select(live)
+                live_masks = {k: v[live] for k, v in masks.items()}
+            hidden = self.base.model.decoder(
+                decoder_input_ids=canvas[live], past_key_values=live_prefix,
+                self_conditioning_logits=None if sc_logits is None else sc_logits[live],
+                decoder_attention_mask=live_masks, decoder_position_ids=positions[live]).last_hidden_state
+            logits = softcapped_logits(self.base, hidden) / self._temperature(step)
+            live_pins = pin_mask[live]
+            if live_pins.any():
+                forced = torch.full_like(logits, torch.finfo(logits.dtype).min)
+                forced.scatter_(-1, pin_tokens[live][..., None], 0.0)
+                logits = torch.where(live_pins[..., None], forced, logits)
+            log_probs = torch.log_softmax(logits, dim=-1)
+            probs = log_probs.exp()
+            entropy = -(probs * log_probs).sum(-1)
+            cumulative = probs.cumsum(-1)
+            uniforms = torch.stack([torch.rand(size, generator=generators[int(active[r])]) for r in live.tolist()])
+            sampled = torch.searchsorted(cumulative, uniforms.to(device)[..., None]).squeeze(-1).clamp(
+                max=self.vocab - 1)
+            new_argmax = logits.argmax(-1)
+            sorted_entropy, order = entropy.sort(dim=-1)
+            chosen = (sorted_entropy.cumsum(-1) - sorted_entropy) <= c.entropy_bound
+            accept = torch.zeros_like(chosen).scatter(-1, order, chosen) | live_pins
+            flagged = torch.zeros_like(accept)
+            if renoise:
+                for k, row in enumerate(live.tolist()):
+                    index = int(active[row])
+                    check = requests[index].violations
+                    if check is None or budget[row] <= 0:
+                        continue
+                    draft = results[index].token_ids + new_argmax[k].tolist()
+                    bad = [t - offset for t in check(draft) if offset <= t < offset + size]
+                    if bad:
+                        flagged[k, bad] = True
+                        budget[row] -= 1
+                flagged &= ~live_pins
+                accept &= ~flagged
+            noise = torch.stack([torch.randint(self.vocab, (size,), generator=generators[int(active[r])])
+                                 for r in live.tolist()]).to(device)
+            accepted = torch.where(accept, sampled, canvas[live])
+            new_canvas = torch.where(accept, accepted, noise)
+            stable = (history[:, live] == new_argmax[None]).all(-1).all(0) if c.stability_threshold else \
+                torch.ones(live.numel(), dtype=torch.bool, device=device)
+            history[:, live] = torch.roll(history[:, live], -1, dims=0)
+            history[-1, live] = new_argmax
+            confident = entropy.mean(-1) < c.confidence_threshold
+            done = stable & confident & ~flagged.any(-1)
+            canvas[live] = new_canvas
+            argmax[live] = new_argmax
+            if sc_logits is None:
+                sc_logits = torch.zeros(rows, size, logits.shape[-1], dtype=self.dtype, device=device)
+            sc_logits[live] = logits.to(self.dtype)
+            finished[live] |= done
+            for k, row in enumerate(live.tolist()):
+                result = results[int(active[row])]
+                result.forwards += 1
+                result.steps += 1
+                result.renoised += int(flagged[k].sum())
+                if result.trace is not None:
+                    result.trace.append({"block": block, "step": c.max_denoising_steps - step + 1,
+                                         "canvas": new_canvas[k].tolist(), "argmax": new_argmax[k].tolist(),
+                                         "accepted": accept[k].tolist(), "renoised": flagged[k].tolist(),
+                                         "pinned": live_pins[k].tolist()})
+        return argmax
+
+
+def generate(model, requests: list[Request], config: SamplerConfig | None = None, pin: bool = True,
+             renoise: bool = False, batch_size: int = 64, trace_index: int | None = None,
+             progress: Callable[[int], None] | None = None) -> tuple[list[Generation], float]:
+    """Answer `requests` in batches; returns (generations in order, wall seconds)."""
+    sampler = BlockDiffusionSampler(model, config or SamplerConfig.from_model(model))
+    started = time.perf_counter()
+    results: list[Generation] = []
+    for begin in range(0, len(requests), batch_size):
+        chunk = requests[begin:begin + batch_size]
+        local_trace = trace_index - begin if trace_index is not None and begin <= trace_index < begin + len(chunk) \
+            else None
+        results.extend(sampler.generate(chunk, pin=pin, renoise=renoise, trace_index=local_trace))
+        if progress is not None:
+            progress(len(chunk))
+    return results, time.perf_counter() - started
