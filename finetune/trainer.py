@@ -18,6 +18,9 @@ from dgemma_ft.finetune.data import as_block_batch
 from dgemma_ft.finetune.objective import ObjectiveConfig, block_diffusion_loss
 
 STAGING = ".staging"
+# transformers 5.2x renamed `gradient_checkpointing` to `activation_checkpointing`; older 5.x has only the first.
+CHECKPOINTING_ARG = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+                     else "gradient_checkpointing")
 
 
 class NonFiniteLossError(UserError):
@@ -35,7 +38,7 @@ class BlockDiffusionTrainer(Trainer):
         if not torch.isfinite(out.loss):
             last = newest_checkpoint(self.args.output_dir)
             raise NonFiniteLossError(
-                f"the loss became {float(out.loss)} at step {self.state.global_step + 1}; training stopped before "
+                f"the loss became {float(out.loss.detach())} at step {self.state.global_step + 1}; training stopped before "
                 f"the update. The last good checkpoint is {last or 'none (none was written yet)'}. Lower train.lr, "
                 f"raise train.warmup_steps, or use model.dtype: float32")
         self._figures["diffusion_loss"].append(float(out.diffusion_loss))
@@ -116,12 +119,11 @@ def training_arguments(train, run_dir: Path, use_cuda: bool, bf16: bool) -> Trai
         remove_unused_columns=False,
         bf16=bf16,
         use_cpu=not use_cuda,
-        ddp_backend=None if use_cuda else "gloo",
+        ddp_backend=("nccl" if use_cuda else "gloo") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         seed=train.seed,
         data_seed=train.seed,
-        gradient_checkpointing=train.gradient_checkpointing,
+        **{CHECKPOINTING_ARG: train.gradient_checkpointing},
         dataloader_num_workers=0,
-        save_safetensors=True,
     )
 
 
