@@ -48,3 +48,12 @@ def violation_checker(task, example: dict, tokenizer) -> Callable[[list[int]], l
         return [i for i, (start, end) in enumerate(spans) if any(o in bad for o in range(start, end))]
 
     return check
+
+
+def special_token_ids(tokenizer) -> list[int]:
+    """Every id that decoding with `skip_special_tokens=True` drops (named specials and special added tokens)."""
+    ids = set(tokenizer.all_special_ids)
+    for token_id, token in getattr(tokenizer, "added_tokens_decoder", {}).items():
+        if getattr(token, "special", False):
+            ids.add(token_id)
+    return sorted(ids)

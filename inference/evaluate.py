@@ -11,7 +11,7 @@ import torch
 
 from dgemma_ft.errors import UserError
 from dgemma_ft.finetune.data import prompt_ids
-from dgemma_ft.inference.constraints import pinned_tokens, violation_checker
+from dgemma_ft.inference.constraints import pinned_tokens, special_token_ids, violation_checker
 from dgemma_ft.inference.sampling import Request, SamplerConfig
 
 
@@ -82,7 +82,7 @@ def evaluate_setting(model, tokenizer, task, examples: list[dict], setting: Sett
     from dgemma_ft.inference.sampling import BlockDiffusionSampler
 
     config = SamplerConfig.from_model(model, max_denoising_steps=setting.steps, max_new_tokens=max_new_tokens)
-    sampler = BlockDiffusionSampler(model, config)
+    sampler = BlockDiffusionSampler(model, config, special_token_ids=special_token_ids(tokenizer))
     requests = make_requests(task, examples, tokenizer, seed)
     records: list[dict] = []
     generations = []

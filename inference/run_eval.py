@@ -185,6 +185,7 @@ def generate_one(target: str | Path, prompt: str | None = None, example: int | N
                  steps: int | None = None, pin: bool = True, renoise: bool = False, seed: int = 0,
                  trace: str | None = None, data: str | None = None, adapter: str | None = None) -> dict:
     """Answer one prompt (free text, or example N of the eval data with its verdict); optionally save a trace."""
+    from dgemma_ft.inference.constraints import special_token_ids
     from dgemma_ft.inference.evaluate import make_requests
     from dgemma_ft.inference.sampling import BlockDiffusionSampler, Request, SamplerConfig
 
@@ -214,7 +215,7 @@ def generate_one(target: str | Path, prompt: str | None = None, example: int | N
         _default_max_new_tokens(task, [chosen], tokenizer, model) if chosen else model.config.canvas_length * 4)
     config = SamplerConfig.from_model(model, max_denoising_steps=steps or max(recipe.eval.steps),
                                       max_new_tokens=max_new)
-    generation = BlockDiffusionSampler(model, config).generate([request], pin=pin, renoise=renoise,
+    generation = BlockDiffusionSampler(model, config, special_token_ids=special_token_ids(tokenizer)).generate([request], pin=pin, renoise=renoise,
                                                                trace_index=0)[0]
     text = tokenizer.decode(generation.token_ids, skip_special_tokens=True)
     result = {"prompt": prompt if prompt is not None else chosen["messages"][0]["content"], "output": text,

@@ -88,7 +88,10 @@ class Generation:
 
 
 class BlockDiffusionSampler:
-    def __init__(self, model, config: SamplerConfig, eos_token_ids: list[int] | None = None):
+    def __init__(self, model, config: SamplerConfig, eos_token_ids: list[int] | None = None,
+                 special_token_ids: list[int] | None = None):
+        """`special_token_ids` (e.g. `tokenizer.all_special_ids`) are kept out of the stretch of an answer that
+        leads up to its last pinned token, so decoding the answer keeps every pinned character in place."""
         self.model = model
         self.base = unwrap_model(model)
         self.config = config
@@ -96,6 +99,7 @@ class BlockDiffusionSampler:
         eos = eos_token_ids if eos_token_ids is not None else getattr(generation, "eos_token_id", None)
         self.eos_ids = torch.tensor(eos if isinstance(eos, list) else [eos] if eos is not None else [],
                                     dtype=torch.long)
+        self.special_ids = sorted(set(special_token_ids or []) | set(self.eos_ids.tolist()))
         self.canvas = self.base.config.canvas_length
         self.vocab = self.base.config.text_config.vocab_size
         self.window = self.base.config.text_config.sliding_window
@@ -206,13 +210,18 @@ class BlockDiffusionSampler:
         canvas = canvas.to(device)
         pin_mask = torch.zeros(rows, size, dtype=torch.bool, device=device)
         pin_tokens = torch.zeros(rows, size, dtype=torch.long, device=device)
+        no_end = torch.zeros(rows, size, dtype=torch.bool, device=device)  # the answer cannot end here
         if pin:
             for row, index in enumerate(active.tolist()):
-                for token_index, token in requests[index].pinned.items():
+                pinned = requests[index].pinned
+                for token_index, token in pinned.items():
                     if offset <= token_index < offset + size:
                         pin_mask[row, token_index - offset] = True
                         pin_tokens[row, token_index - offset] = token
+                if pinned:  # an answer holding its pinned tokens runs at least to the last of them
+                    no_end[row, :max(0, min(size, max(pinned) + 1 - offset))] = True
             canvas = torch.where(pin_mask, pin_tokens, canvas)
+        eos = torch.tensor(self.special_ids, dtype=torch.long, device=device)
         argmax = canvas.clone()
         history = torch.full((max(c.stability_threshold, 1), rows, size), -1, dtype=torch.long, device=device)
         finished = torch.zeros(rows, dtype=torch.bool, device=device)
@@ -235,6 +244,11 @@ class BlockDiffusionSampler:
                 decoder_attention_mask=live_masks, decoder_position_ids=positions[live]).last_hidden_state
             logits = softcapped_logits(self.base, hidden) / self._temperature(step)
             live_pins = pin_mask[live]
+            live_no_end = no_end[live]
+            if live_no_end.any() and eos.numel():
+                blocked = torch.zeros_like(logits, dtype=torch.bool)
+                blocked[..., eos] = True
+                logits = logits.masked_fill(blocked & live_no_end[..., None], torch.finfo(logits.dtype).min)
             if live_pins.any():
                 forced = torch.full_like(logits, torch.finfo(logits.dtype).min)
                 forced.scatter_(-1, pin_tokens[live][..., None], 0.0)

@@ -1,0 +1,343 @@
+"""`dgemma-ft merge RUN --out DIR`: fold a run's LoRA adapter into its base and save a standard checkpoint.
+
+A shared adapter (what this kit trains, see lora.py) folds into the shared encoder/decoder weights, so the merged
+checkpoint has the base's layout and size and loads with plain `DiffusionGemmaForBlockDiffusion.from_pretrained`.
+
+A separate adapter (encoder and decoder carry different LoRA weights, as plain PEFT, Unsloth and TRL produce)
+cannot fold into one shared weight. With `untie=True` every tied weight is given its own copy first, each path
+takes only its own delta, and the config says `tie_word_embeddings: false`, which for DiffusionGemma turns off
+every tie (encoder/decoder and embeddings/lm_head), so `from_pretrained` keeps them apart. That checkpoint holds
+the text weights twice.
+
+A full fine-tune run (RUN/model) has nothing to fold: it is saved again in the chosen dtype.
+
+The output folder also gets the run's recipe.yaml (so `dgemma-ft eval DIR` works) and `dgemma_ft_merge.json`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from dgemma_ft.errors import UserError
+from dgemma_ft.finetune.atomic import atomic_dir
+
+MERGE_RECORD = "dgemma_ft_merge.json"
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class MergeResult:
+    out: Path
+    source: str
+    layout: str  # 'shared' | 'separate' | 'full'
+    dtype: str
+    base: str | None
+    untied: bool
+    files: dict[str, int] = field(default_factory=dict)  # file name -> bytes
+
+    def record(self) -> dict:
+        data = asdict(self)
+        data["out"] = str(self.out)
+        data.pop("files")
+        return data
+
+
+# ------------------------------------------------------------------------------------------------- resolving
+def resolve_run_folder(source: str | Path) -> Path:
+    """The run folder for `source` (a run folder, or its adapter/ or model/ subfolder)."""
+    from dgemma_ft.finetune.model_loading import is_run_folder
+
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise UserError(f"merge: '{source}' does not exist; give the run folder that `dgemma-ft train` wrote "
+                        f"(it holds recipe.yaml and adapter/ or model/)")
+    if path.name in ("adapter", "model") and is_run_folder(path.parent):
+        path = path.parent
+    if not is_run_folder(path):
+        if (path / "adapter_config.json").exists():
+            raise UserError(f"merge: '{source}' is a bare adapter folder; merge needs the run folder around it "
+                            f"(recipe.yaml names the base). Put it in RUN/adapter next to a recipe.yaml whose "
+                            f"model.name is its base, then run `dgemma-ft merge RUN --out DIR`")
+        raise UserError(f"merge: '{source}' is not a run folder (recipe.yaml + adapter/ or model/); give the "
+                        f"folder that `dgemma-ft train` wrote")
+    return path
+
+
+def check_output(out: Path, run: Path, force: bool) -> None:
+    out_r, run_r = out.resolve(), run.resolve()
+    if out_r == run_r or out_r in run_r.parents or out_r in (run_r / "adapter", run_r / "model"):
+        raise UserError(f"--out {out}: this would overwrite the run folder '{run}'; choose a new folder, e.g. "
+                        f"--out {run}-merged")
+    if out.exists() and not force:
+        raise UserError(f"--out {out}: the folder already exists; pass --force to replace it, or choose another "
+                        f"--out")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: a file with this name exists; choose another --out")
+
+
+def _is_hub_id(name: str | None) -> bool:
+    return bool(name) and _HUB_ID.match(name) is not None and not Path(name).expanduser().exists()
+
+
+def recorded_base(adapter_dir: Path) -> str | None:
+    """The base an adapter says it was trained on: dgemma_ft_base.json, else PEFT's base_model_name_or_path."""
+    from dgemma_ft.finetune.lora import BASE_RECORD, adapter_base_name
+
+    record = adapter_dir / BASE_RECORD
+    if record.exists():
+        name = json.loads(record.read_text()).get("base")
+        if name:
+            return name
+    return adapter_base_name(adapter_dir)
+
+
+def check_base_name(adapter_dir: Path, loaded_base: str) -> None:
+    """Two different Hub ids are two different bases. (Local paths cannot be compared by name: a local copy of a
+    Hub model is the same base; the fingerprint and shape checks cover them.)"""
+    saved = recorded_base(adapter_dir)
+    if _is_hub_id(saved) and _is_hub_id(loaded_base) and saved != loaded_base:
+        raise UserError(f"{adapter_dir}: this adapter was trained on '{saved}', but the run's recipe loads "
+                        f"'{loaded_base}'; set model.name in the run's recipe.yaml to the base it was trained on")
+
+
+def check_adapter_shapes(model, adapter_dir: Path) -> None:
+    """Every LoRA tensor must name a linear of `model` with matching in/out features."""
+    from dgemma_ft.finetune.lora import read_adapter_tensors
+
+    tensors = read_adapter_tensors(adapter_dir)
+    pattern = re.compile(r"^(?:base_model\.model\.)?(.*)\.lora_([AB])(?:\.[^.]+)?\.weight$")
+    for key, tensor in tensors.items():
+        match = pattern.match(key)
+        if match is None:
+            continue
+        module_name, which = match.groups()
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            raise UserError(f"{adapter_dir}: the adapter has weights for '{module_name}', which this base does "
+                            f"not have; was it trained on another model? Check model.name in the run's "
+                            f"recipe.yaml") from None
+        module = getattr(module, "base_layer", module)
+        in_features, out_features = getattr(module, "in_features", None), getattr(module, "out_features", None)
+        if in_features is None:
+            continue
+        ok = tensor.shape[1] == in_features if which == "A" else tensor.shape[0] == out_features
+        if not ok:
+            raise UserError(f"{adapter_dir}: lora_{which} of '{module_name}' has shape {tuple(tensor.shape)}, but "
+                            f"the base's linear is {in_features} -> {out_features}; the adapter was trained on a "
+                            f"different base. Set model.name in the run's recipe.yaml to that base")
+
+
+# ---------------------------------------------------------------------------------------------------- untying
+def untie_weights(model) -> int:
+    """Give every tied weight (encoder/decoder text weights, embeddings/lm_head) its own tensor and set the config
+    so `from_pretrained` does not tie them again. Returns how many copies were made."""
+    seen_modules: set[int] = set()
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if not name:
+            continue
+        if id(module) in seen_modules:  # one module object reachable under two names: copy it
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, attr, copy.deepcopy(module))
+        seen_modules.add(id(module))
+    seen: set[int] = set()
+    copies = 0
+    for module in model.modules():
+        for pname, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            if id(param) in seen or param.data_ptr() in seen:
+                module._parameters[pname] = torch.nn.Parameter(param.detach().clone(),
+                                                               requires_grad=param.requires_grad)
+                copies += 1
+            else:
+                seen.add(id(param))
+                seen.add(param.data_ptr())
+    model.config.tie_word_embeddings = False
+    model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=True)
+    return copies
+
+
+# ------------------------------------------------------------------------------------------------------ merge
+def merge(run_dir_or_adapter_source: str | Path, out: str | Path, dtype: str = "bfloat16", force: bool = False,
+          untie: bool = False, say: Callable[[str], None] | None = None) -> MergeResult:
+    """Fold the run's adapter into its base (or re-save a full run) as a standard checkpoint in `out`."""
+    say = say or (lambda message: None)
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    run = resolve_run_folder(run_dir_or_adapter_source)
+    out = Path(out).expanduser()
+    check_output(out, run, force)
+
+    from dgemma_ft.finetune.recipe import load_recipe
+
+    recipe = load_recipe(run / "recipe.yaml")
+    if (run / "model").is_dir():
+        model, tokenizer, layout, base = _load_full(run, dtype)
+        untied = not getattr(model.config, "tie_word_embeddings", True)
+    else:
+        model, tokenizer, layout, base, untied = _load_and_merge(run, recipe, dtype, untie, say)
+    model.to(DTYPES[dtype])
+    model.eval()
+
+    result = MergeResult(out=out, source=str(run.resolve()), layout=layout, dtype=dtype, base=base, untied=untied)
+    with _quiet_transformers(), atomic_dir(out) as staging:
+        model.save_pretrained(str(staging))
+        tokenizer.save_pretrained(str(staging))
+        shutil.copyfile(run / "recipe.yaml", staging / "recipe.yaml")
+        record = {**result.record(), "out": str(out), "tool": "dgemma-ft merge"}
+        (staging / MERGE_RECORD).write_text(json.dumps(record, indent=2))
+        if untied:
+            _check_untied_files(staging)
+        result.files = {p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.is_file()}
+    return result
+
+
+def _load_full(run: Path, dtype: str):
+    from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
+
+    folder = run / "model"
+    try:
+        model = DiffusionGemmaForBlockDiffusion.from_pretrained(str(folder), dtype=DTYPES[dtype])
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except OSError as exc:
+        raise UserError(f"{folder}: cannot load the run's weights ({str(exc).splitlines()[0]}); is the run "
+                        f"finished? (`dgemma-ft train --resume` completes it)") from None
+    from dgemma_ft.finetune.recipe import load_recipe
+
+    base = load_recipe(run / "recipe.yaml").model.name
+    return model, tokenizer, "full", base
+
+
+def _load_and_merge(run: Path, recipe, dtype: str, untie: bool, say):
+    from dgemma_ft.finetune.lora import adapter_layout, merge_shared
+    from dgemma_ft.finetune.model_loading import load_model
+
+    adapter_dir = run / "adapter"
+    layout = adapter_layout(adapter_dir)
+    if layout == "separate" and not untie:
+        raise UserError(f"{adapter_dir}: the encoder and decoder carry different adapters (a 'separate' adapter, "
+                        f"as plain PEFT, Unsloth or TRL train), which cannot fold into the shared base weights; "
+                        f"pass --untie to save a model whose encoder and decoder weights are separate copies "
+                        f"(text weights stored twice), or evaluate the adapter unmerged")
+    # Merge in the output precision (never 4-bit, always the plain PEFT backend). An adapter whose base record
+    # was taken at full precision of a full-precision base is checked (and merged) on a float32 load instead.
+    section = recipe.model.model_copy(update={"dtype": dtype, "load_in_4bit": False, "backend": "peft"})
+    loaded = load_model(section)
+    check_base_name(adapter_dir, loaded.base_name)
+    if not fingerprint_matches(loaded.model, adapter_dir) and dtype != "float32":
+        del loaded
+        loaded = load_model(section.model_copy(update={"dtype": "float32"}))
+    if not fingerprint_matches(loaded.model, adapter_dir):
+        from dgemma_ft.finetune.lora import BASE_RECORD, base_fingerprint
+
+        saved = json.loads((adapter_dir / BASE_RECORD).read_text())
+        raise UserError(f"{adapter_dir}: this adapter was trained on base '{saved.get('base')}' (fingerprint "
+                        f"{saved.get('fingerprint')}), but {run / 'recipe.yaml'} loads '{loaded.base_name}' "
+                        f"(fingerprint {base_fingerprint(loaded.model)}); set model.name there to the base the "
+                        f"adapter was trained on")
+    model = loaded.model
+    check_adapter_shapes(model, adapter_dir)
+    untied = False
+    if layout == "shared":
+        if untie:
+            say("note: the adapter is shared (one adapter for both paths); --untie is not needed and is ignored")
+        model = merge_shared(_attach_shared(model, adapter_dir))
+    else:
+        from peft import PeftModel
+
+        untie_weights(model)
+        try:
+            peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise UserError(f"{adapter_dir}: this adapter does not fit the base ({str(exc).splitlines()[0]}); "
+                            f"set model.name in the run's recipe.yaml to the base it was trained on") from None
+        model = peft_model.merge_and_unload()
+        untied = True
+    tokenizer = loaded.tokenizer
+    if (adapter_dir / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+    return model, tokenizer, layout, recorded_base(adapter_dir) or loaded.base_name, untied
+
+
+def fingerprint_matches(model, adapter_dir: Path) -> bool:
+    """Whether the adapter's base record (lora.BASE_RECORD) fits `model`'s base, whatever precision either was
+    in: the record hashes a sample of the embeddings as they were in training (float32 or bfloat16/float16), so
+    the loaded sample is also compared after rounding to each half precision."""
+    import hashlib
+
+    from dgemma_ft.finetune.lora import BASE_RECORD, base_fingerprint
+    from dgemma_ft.finetune.objective import unwrap_model
+
+    record = adapter_dir / BASE_RECORD
+    if not record.exists():
+        return True
+    saved = json.loads(record.read_text()).get("fingerprint")
+    if not saved:
+        return True
+    candidates = {base_fingerprint(model)}
+    weight = unwrap_model(model).model.decoder.embed_tokens.weight.detach()
+    sample = weight[: min(64, weight.shape[0])]
+    for half in (torch.bfloat16, torch.float16):
+        rounded = sample.to(half).float().cpu().contiguous()
+        candidates.add(hashlib.sha256(rounded.numpy().tobytes()).hexdigest()[:16])
+    return saved in candidates
+
+
+def _attach_shared(model, adapter_dir: Path):
+    """lora.load_adapter for a shared adapter, without its strict (precision-sensitive) base check, which
+    `fingerprint_matches` has done."""
+    from peft import PeftModel
+
+    from dgemma_ft.finetune.lora import _retie_wrappers, share_decoder_linears
+
+    share_decoder_linears(model)
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise UserError(f"{adapter_dir}: this adapter does not fit the base ({str(exc).splitlines()[0]}); set "
+                        f"model.name in the run's recipe.yaml to the base it was trained on") from None
+    _retie_wrappers(peft_model)
+    peft_model.adapter_layout = "shared"
+    return peft_model
+
+
+def _check_untied_files(folder: Path) -> None:
+    """An untied checkpoint must hold the encoder's own text weights and say tie_word_embeddings: false."""
+    from safetensors import safe_open
+
+    config = json.loads((folder / "config.json").read_text())
+    keys: set[str] = set()
+    for file in folder.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as handle:
+            keys |= set(handle.keys())
+    if config.get("tie_word_embeddings", True) or not any(".encoder.language_model.layers." in k for k in keys):
+        raise RuntimeError("internal error: the untied checkpoint lost its encoder weights; please report this")
+
+
+class _quiet_transformers:
+    """Silence transformers' info/warning chatter while saving (the CLI prints one summary line)."""
+
+    def __enter__(self):
+        from transformers.utils import logging
+
+        self._level = logging.get_verbosity()
+        logging.set_verbosity_error()
+
+    def __exit__(self, *exc):
+        from transformers.utils import logging
+
+        logging.set_verbosity(self._level)
+        return False

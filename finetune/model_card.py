@@ -1,0 +1,247 @@
+"""The model card (README.md with Hub YAML metadata) that `dgemma-ft push` writes into the uploaded folder.
+
+It says what the model is (adapter, merged or fully fine-tuned checkpoint of which base), how it was trained (the
+recipe and the training figures), how well it does (the evaluation table), and how to run it with this kit and
+with plain transformers / PEFT.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+KIT = "dgemma-ft"
+_GEMMA_VOCAB = 262144  # the released DiffusionGemma tokenizer
+
+
+@dataclass
+class CardInfo:
+    kind: str  # 'adapter' | 'merged' | 'full'
+    repo: str
+    base: str | None = None  # the base checkpoint (Hub id or local path)
+    task: str | None = None
+    recipe_text: str | None = None
+    datasets: list[str] = field(default_factory=list)
+    eval_report: dict | None = None
+    eval_source: str | None = None  # where the evaluation was measured, when not on this folder itself
+    train_summary: dict | None = None
+    final_loss: float | None = None
+    layout: str | None = None  # adapters and merges: 'shared' | 'separate'
+    untied: bool = False
+    license: str | None = None
+    dtype: str | None = None
+
+
+def is_hub_id(name: str | None) -> bool:
+    if not name or name.count("/") != 1 or name.startswith((".", "/", "~")):
+        return False
+    return not Path(name).expanduser().exists()
+
+
+def license_for(base: str | None, vocab_size: int | None) -> str | None:
+    """Google's DiffusionGemma is under the Gemma terms; the kit's built-in tiny model is the kit's own
+    (Apache-2.0). Anything else: unknown (the card then asks the reader to check the base's licence)."""
+    from dgemma_ft.finetune.tiny import CHARACTERS, SPECIAL_TOKENS
+
+    if (base or "").lower().startswith("google/") or (vocab_size or 0) >= _GEMMA_VOCAB:
+        return "gemma"
+    if base == "tiny" or vocab_size == len(SPECIAL_TOKENS) + len(CHARACTERS):
+        return "apache-2.0"
+    return None
+
+
+def datasets_of(recipe) -> list[str]:
+    """Hub datasets named by the recipe's task sources (`hf:owner/name[:config][@split]`)."""
+    if recipe is None:
+        return []
+    found = []
+    specs = [recipe.task.train, recipe.task.eval, *[type(recipe.task.train)(source=s)
+                                                    for s in recipe.task.exclude_sources]]
+    for spec in specs:
+        if spec is None or not spec.source.startswith("hf:"):
+            continue
+        name = spec.source[3:].split("@")[0].split(":")[0]
+        if name and name not in found:
+            found.append(name)
+    return found
+
+
+def final_logged_loss(log: Path) -> float | None:
+    if not log.exists():
+        return None
+    loss = None
+    for line in log.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record.get("loss"), (int, float)):
+            loss = float(record["loss"])
+    return loss
+
+
+# ---------------------------------------------------------------------------------------------------- sections
+def front_matter(info: CardInfo) -> dict:
+    meta: dict = {}
+    if is_hub_id(info.base):
+        meta["base_model"] = info.base
+        meta["base_model_relation"] = {"adapter": "adapter", "merged": "merge", "full": "finetune"}[info.kind]
+    meta["library_name"] = "peft" if info.kind == "adapter" else "transformers"
+    meta["pipeline_tag"] = "text-generation"
+    if info.license:
+        meta["license"] = info.license
+    tags = ["diffusion", "block-diffusion", "diffusion_gemma", KIT]
+    if info.task:
+        tags.append(info.task)
+    if info.kind == "adapter":
+        tags.append("lora")
+    elif info.kind == "merged":
+        tags.append("merged-lora")
+    meta["tags"] = tags
+    if info.datasets:
+        meta["datasets"] = list(info.datasets)
+    return meta
+
+
+def eval_table(report: dict) -> str:
+    """A markdown table of the report's `results` (one row per model and sampler setting)."""
+    rows = ["| model | denoising steps | pin | renoise | solved | solve rate | tokens/forward |",
+            "|---|---:|:---:|:---:|---:|---:|---:|"]
+    for r in report.get("results", []):
+        rate = r.get("solve_rate")
+        tpf = r.get("tokens_per_forward")
+        rows.append(f"| {r.get('model', '-')} | {r.get('steps', '-')} | {_on_off(r.get('pin'))} | "
+                    f"{_on_off(r.get('renoise'))} | {r.get('correct', '-')}/{r.get('examples', '-')} | "
+                    f"{'-' if rate is None else f'{rate:.1%}'} | {'-' if tpf is None else f'{tpf:.2f}'} |")
+    return "\n".join(rows)
+
+
+def _on_off(value) -> str:
+    return "-" if value is None else ("on" if value else "off")
+
+
+def _what(info: CardInfo) -> str:
+    base = f"`{info.base}`" if info.base else "a DiffusionGemma base"
+    if info.kind == "adapter":
+        text = (f"A LoRA adapter for {base} (DiffusionGemma, block diffusion), fine-tuned with {KIT}"
+                + (f" on the `{info.task}` task." if info.task else "."))
+        if info.layout == "separate":
+            text += (" The encoder and decoder passes carry different adapters, so it cannot be folded into the "
+                     "shared base weights (`dgemma-ft merge --untie` can save an untied model).")
+        else:
+            text += (" One adapter serves both the encoder and the decoder pass (they share their weights); it is "
+                     "stored in the standard PEFT form with both paths listed, the decoder's tensors equal to the "
+                     "encoder's, so plain PEFT computes the same function.")
+        return text
+    if info.kind == "merged":
+        text = (f"{base} with a LoRA adapter fine-tuned by {KIT}"
+                + (f" on the `{info.task}` task" if info.task else "") + " folded into its weights: a standard "
+                "checkpoint, no PEFT needed.")
+        if info.untied:
+            text += (" The encoder and decoder carried different adapters, so their text weights are stored "
+                     "separately here (`tie_word_embeddings: false`, which unties every DiffusionGemma tie); the "
+                     "checkpoint is larger than the base.")
+        return text
+    return (f"{base} fully fine-tuned with {KIT}" + (f" on the `{info.task}` task." if info.task else "."))
+
+
+def _results(info: CardInfo) -> list[str]:
+    report = info.eval_report
+    if not report or not report.get("results"):
+        return ["## Evaluation", "", f"No evaluation report was found; run `dgemma-ft eval` on the run folder "
+                                     f"to measure it.", ""]
+    where = f" on `{report['data']}`" if report.get("data") else ""
+    count = f" ({report['examples']} examples" if report.get("examples") is not None else ""
+    seed = f", sampling seed {report['seed']})" if report.get("seed") is not None else (")" if count else "")
+    lines = ["## Evaluation", "", f"Task `{report.get('task', info.task)}`{where}{count}{seed}. A row per model "
+             "and sampler setting: *denoising steps* is the most refinement passes per block, *pin* holds the "
+             "task's known tokens, *renoise* sends tokens the task's validator flags back to noise.", ""]
+    if info.eval_source:
+        lines += [f"Measured with {KIT} on {info.eval_source}.", ""]
+    lines += [eval_table(report), ""]
+    return lines
+
+
+def _training(info: CardInfo) -> list[str]:
+    lines = ["## Training", ""]
+    summary = info.train_summary or {}
+    figures = []
+    if summary.get("steps") is not None:
+        figures.append(f"| steps | {summary['steps']} |")
+    if summary.get("train_seconds") is not None:
+        figures.append(f"| training time | {summary['train_seconds']} s |")
+    if summary.get("examples_per_second") is not None:
+        figures.append(f"| examples/s | {summary['examples_per_second']} |")
+    if info.final_loss is not None:
+        figures.append(f"| final logged loss | {info.final_loss:.4f} |")
+    if summary.get("train_loss") is not None:
+        figures.append(f"| mean training loss | {summary['train_loss']:.4f} |")
+    if summary.get("train_examples") is not None:
+        figures.append(f"| training examples | {summary['train_examples']} |")
+    if summary.get("trainable_parameters") is not None:
+        figures.append(f"| trainable / total parameters | {summary['trainable_parameters']:,} / "
+                       f"{summary.get('total_parameters', 0):,} |")
+    if figures:
+        lines += ["| | |", "|---|---:|", *figures, ""]
+    else:
+        lines += ["No training summary was found.", ""]
+    if info.recipe_text:
+        lines += [f"The recipe ({KIT}), as resolved for the run:", "", "```yaml", info.recipe_text.rstrip(), "```",
+                  ""]
+    return lines
+
+
+def _usage(info: CardInfo) -> list[str]:
+    repo = info.repo
+    folder = repo.split("/")[-1]
+    dtype = "torch.bfloat16"
+    lines = ["## How to use", "", f"### With {KIT}", "", "```bash", f"hf download {repo} --local-dir {folder}"]
+    if info.kind == "adapter":
+        base = info.base or "BASE"
+        lines += [f"# recipe.yaml names the base in model.name: point it at your copy of {base}",
+                  f"dgemma-ft eval {folder}/recipe.yaml --adapter {folder}",
+                  f"dgemma-ft generate {folder}/recipe.yaml --adapter {folder} --prompt \"...\"", "```", ""]
+    else:
+        lines += [f"dgemma-ft eval {folder}            # recipe.yaml in the folder says which task and data",
+                  f"dgemma-ft generate {folder} --example 0   # or --prompt \"...\"", "```", ""]
+    lines += ["### With transformers" + (" and PEFT" if info.kind == "adapter" else ""), "", "```python",
+              "import torch", "from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion"]
+    if info.kind == "adapter":
+        base = info.base if is_hub_id(info.base) else "PATH/TO/BASE"
+        lines += ["from peft import PeftModel", "",
+                  f"model = DiffusionGemmaForBlockDiffusion.from_pretrained(\"{base}\", dtype={dtype})",
+                  f"model = PeftModel.from_pretrained(model, \"{repo}\")",
+                  f"tokenizer = AutoTokenizer.from_pretrained(\"{repo}\")"]
+    else:
+        lines += ["", f"model = DiffusionGemmaForBlockDiffusion.from_pretrained(\"{repo}\", dtype={dtype})",
+                  f"tokenizer = AutoTokenizer.from_pretrained(\"{repo}\")"]
+    lines += ["messages = [{\"role\": \"user\", \"content\": \"...\"}]",
+              "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\",",
+              "                                       return_dict=True).to(model.device)",
+              "out = model.generate(**inputs, max_new_tokens=256)",
+              "print(tokenizer.decode(out.sequences[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))",
+              "```", ""]
+    if info.kind == "adapter":
+        if info.layout == "separate":
+            lines += ["The adapter has separate encoder and decoder weights; plain PEFT loads it as it is.", ""]
+        else:
+            lines += ["The adapter is stored in the standard two-path PEFT form (encoder and decoder modules both "
+                      "listed, with equal tensors), so plain PEFT computes the same function as the kit's shared "
+                      "adapter. Do not call PEFT's `merge_and_unload()` on it: encoder and decoder share their "
+                      "weights, so it would add the update twice; `dgemma-ft merge` folds it exactly.", ""]
+    return lines
+
+
+def build_card(info: CardInfo) -> str:
+    meta = yaml.safe_dump(front_matter(info), sort_keys=False).strip()
+    title = info.repo.split("/")[-1]
+    parts = ["---", meta, "---", "", f"# {title}", "", _what(info), ""]
+    if not info.license:
+        parts += ["Licence: this model inherits the licence of its base model; check it before use.", ""]
+    parts += _results(info) + _training(info) + _usage(info)
+    parts += ["## About", "", f"Made with {KIT}, a fine-tuning kit for block-diffusion language models "
+                              f"(DiffusionGemma).", ""]
+    return "\n".join(parts)
