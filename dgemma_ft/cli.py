@@ -119,6 +119,53 @@ def generate(
                                                                       if "trace" in result else ""))
 
 
+def _say(message: str) -> None:
+    console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def merge(
+        source: Annotated[Path, typer.Argument(help="run folder (its adapter/ is folded into the base its recipe "
+                                                    "names; a full run's model/ is re-saved)")],
+        out: Annotated[Path, typer.Option("--out", "-o", help="new folder for the merged checkpoint")],
+        dtype: Annotated[str, typer.Option(help="saved precision: bfloat16, float16 or float32")] = "bfloat16",
+        force: Annotated[bool, typer.Option("--force", help="replace --out if it already exists")] = False,
+        untie: Annotated[bool, typer.Option("--untie", help="for an adapter whose encoder and decoder weights "
+                                                          "differ: save untied encoder/decoder weights "
+                                                          "(a larger checkpoint)")] = False):
+    """Fold a run's LoRA adapter into its base and save a standard checkpoint (+ tokenizer, recipe.yaml)."""
+    from dgemma_ft.finetune.merge import merge as merge_run
+
+    result = merge_run(source, out, dtype=dtype, force=force, untie=untie, say=_say)
+    total = sum(result.files.values())
+    console.print(f"[bold green]merged[/] ({result.layout} adapter, {result.dtype}"
+                  f"{', untied' if result.untied else ''}): {result.out} ({total / 2**20:.1f} MiB); "
+                  f"evaluate it with `dgemma-ft eval {result.out}`", highlight=False)
+
+
+@app.command()
+def push(
+        folder: Annotated[Path, typer.Argument(help="run folder (pushes its adapter/ or model/) or merged folder")],
+        repo: Annotated[str, typer.Option("--repo", help="Hub model id, e.g. your-name/sudoku-dgemma")],
+        private: Annotated[bool, typer.Option("--private", help="create the repo as private")] = False,
+        adapter_only: Annotated[bool, typer.Option("--adapter-only",
+                                                   help="for a merged folder: push the adapter of the run it "
+                                                        "came from instead")] = False,
+        revision: Annotated[Optional[str], typer.Option(help="push to this branch (created if missing)")] = None,
+        dry_run: Annotated[bool, typer.Option("--dry-run", help="print the card and the file list; upload "
+                                                                "nothing")] = False,
+        force: Annotated[bool, typer.Option("--force", help="upload even if the repo already has files")] = False,
+        token: Annotated[Optional[str], typer.Option(help="Hub token (default: `hf auth login` or HF_TOKEN)")]
+        = None):
+    """Publish to the Hugging Face Hub with a model card (eval table, recipe, training figures, usage)."""
+    from dgemma_ft.finetune.push import push as push_folder
+
+    result = push_folder(folder, repo, private=private, adapter_only=adapter_only, revision=revision,
+                         dry_run=dry_run, force=force, token=token, say=_say)
+    if not result.dry_run:
+        console.print(f"[bold green]pushed[/] {len(result.files)} files: {result.url}", highlight=False)
+
+
 COMMANDS = {"train", "check", "eval", "generate", "merge", "push", "--help", "-h"}
 
 

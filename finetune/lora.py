@@ -184,16 +184,18 @@ BASE_RECORD = "dgemma_ft_base.json"
 
 
 def base_fingerprint(model) -> str:
-    """A short hash of the base's input embeddings: two bases with equal shapes but different weights differ."""
+    """A short hash of the base's input embeddings, rounded to bfloat16 so that the same base loaded in float32 or
+    bfloat16 matches: two bases with equal shapes but different weights differ."""
     import hashlib
 
     base = unwrap_model(model)
     weight = base.model.decoder.embed_tokens.weight
-    sample = weight.detach()[: min(64, weight.shape[0])].float().cpu().contiguous()
+    sample = weight.detach()[: min(64, weight.shape[0])].to(torch.bfloat16).float().cpu().contiguous()
     return hashlib.sha256(sample.numpy().tobytes()).hexdigest()[:16]
 
 
-def check_adapter_base(model, path: str | Path) -> None:
+def check_adapter_base(model, path: str | Path, fix: str = "load the base it was trained on (see the run's "
+                                                            "recipe.yaml)") -> None:
     """Refuse an adapter recorded as trained on a different base (same shapes would load silently)."""
     record = Path(path) / BASE_RECORD
     if not record.exists():
@@ -202,8 +204,7 @@ def check_adapter_base(model, path: str | Path) -> None:
     current = base_fingerprint(model)
     if saved.get("fingerprint") and saved["fingerprint"] != current:
         raise UserError(f"{path}: this adapter was trained on base '{saved.get('base')}' (fingerprint "
-                        f"{saved['fingerprint']}), but the loaded base has fingerprint {current}; load the base it "
-                        f"was trained on (see the run's recipe.yaml)")
+                        f"{saved['fingerprint']}), but the loaded base has fingerprint {current}; {fix}")
 
 
 def save_adapter(peft_model, path: str | Path, base_name: str | None = None) -> None:

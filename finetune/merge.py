@@ -220,7 +220,7 @@ def _load_full(run: Path, dtype: str):
 
 
 def _load_and_merge(run: Path, recipe, dtype: str, untie: bool, say):
-    from dgemma_ft.finetune.lora import adapter_layout, merge_shared
+    from dgemma_ft.finetune.lora import adapter_layout, check_adapter_base, load_adapter, merge_shared
     from dgemma_ft.finetune.model_loading import load_model
 
     adapter_dir = run / "adapter"
@@ -230,29 +230,19 @@ def _load_and_merge(run: Path, recipe, dtype: str, untie: bool, say):
                         f"as plain PEFT, Unsloth or TRL train), which cannot fold into the shared base weights; "
                         f"pass --untie to save a model whose encoder and decoder weights are separate copies "
                         f"(text weights stored twice), or evaluate the adapter unmerged")
-    # Merge in the output precision (never 4-bit, always the plain PEFT backend). An adapter whose base record
-    # was taken at full precision of a full-precision base is checked (and merged) on a float32 load instead.
+    # Merge in the output precision (never 4-bit, always the plain PEFT backend).
     section = recipe.model.model_copy(update={"dtype": dtype, "load_in_4bit": False, "backend": "peft"})
     loaded = load_model(section)
     check_base_name(adapter_dir, loaded.base_name)
-    if not fingerprint_matches(loaded.model, adapter_dir) and dtype != "float32":
-        del loaded
-        loaded = load_model(section.model_copy(update={"dtype": "float32"}))
-    if not fingerprint_matches(loaded.model, adapter_dir):
-        from dgemma_ft.finetune.lora import BASE_RECORD, base_fingerprint
-
-        saved = json.loads((adapter_dir / BASE_RECORD).read_text())
-        raise UserError(f"{adapter_dir}: this adapter was trained on base '{saved.get('base')}' (fingerprint "
-                        f"{saved.get('fingerprint')}), but {run / 'recipe.yaml'} loads '{loaded.base_name}' "
-                        f"(fingerprint {base_fingerprint(loaded.model)}); set model.name there to the base the "
-                        f"adapter was trained on")
+    check_adapter_base(loaded.model, adapter_dir, fix=f"set model.name in {run / 'recipe.yaml'} to the base the "
+                                                      f"adapter was trained on")
     model = loaded.model
     check_adapter_shapes(model, adapter_dir)
     untied = False
     if layout == "shared":
         if untie:
             say("note: the adapter is shared (one adapter for both paths); --untie is not needed and is ignored")
-        model = merge_shared(_attach_shared(model, adapter_dir))
+        model = merge_shared(load_adapter(model, adapter_dir))
     else:
         from peft import PeftModel
 
@@ -270,48 +260,6 @@ def _load_and_merge(run: Path, recipe, dtype: str, untie: bool, say):
 
         tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
     return model, tokenizer, layout, recorded_base(adapter_dir) or loaded.base_name, untied
-
-
-def fingerprint_matches(model, adapter_dir: Path) -> bool:
-    """Whether the adapter's base record (lora.BASE_RECORD) fits `model`'s base, whatever precision either was
-    in: the record hashes a sample of the embeddings as they were in training (float32 or bfloat16/float16), so
-    the loaded sample is also compared after rounding to each half precision."""
-    import hashlib
-
-    from dgemma_ft.finetune.lora import BASE_RECORD, base_fingerprint
-    from dgemma_ft.finetune.objective import unwrap_model
-
-    record = adapter_dir / BASE_RECORD
-    if not record.exists():
-        return True
-    saved = json.loads(record.read_text()).get("fingerprint")
-    if not saved:
-        return True
-    candidates = {base_fingerprint(model)}
-    weight = unwrap_model(model).model.decoder.embed_tokens.weight.detach()
-    sample = weight[: min(64, weight.shape[0])]
-    for half in (torch.bfloat16, torch.float16):
-        rounded = sample.to(half).float().cpu().contiguous()
-        candidates.add(hashlib.sha256(rounded.numpy().tobytes()).hexdigest()[:16])
-    return saved in candidates
-
-
-def _attach_shared(model, adapter_dir: Path):
-    """lora.load_adapter for a shared adapter, without its strict (precision-sensitive) base check, which
-    `fingerprint_matches` has done."""
-    from peft import PeftModel
-
-    from dgemma_ft.finetune.lora import _retie_wrappers, share_decoder_linears
-
-    share_decoder_linears(model)
-    try:
-        peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise UserError(f"{adapter_dir}: this adapter does not fit the base ({str(exc).splitlines()[0]}); set "
-                        f"model.name in the run's recipe.yaml to the base it was trained on") from None
-    _retie_wrappers(peft_model)
-    peft_model.adapter_layout = "shared"
-    return peft_model
 
 
 def _check_untied_files(folder: Path) -> None:

@@ -70,8 +70,9 @@ def build_tiny_tokenizer():
     return tokenizer
 
 
-def tiny_config(spec: TinySpec, vocab_size: int):
-    """A `DiffusionGemmaConfig` for `spec`. The vision tower cannot be dropped, so it gets a 1-layer toy one."""
+def tiny_config(spec: TinySpec, vocab_size: int, image_token_id: int = 3):
+    """A `DiffusionGemmaConfig` for `spec`. The vision tower cannot be dropped, so it gets a 1-layer toy one; the
+    tokenizer has no image tokens, so the image token id points at `<unk>` (HF `generate()` reads it)."""
     from transformers import DiffusionGemmaConfig
 
     layer_types = ["full_attention" if (i + 1) % spec.sliding_pattern == 0 else "sliding_attention"
@@ -89,7 +90,7 @@ def tiny_config(spec: TinySpec, vocab_size: int):
     vision = dict(model_type="gemma4_vision", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                   num_attention_heads=2, num_key_value_heads=2, head_dim=8)
     return DiffusionGemmaConfig(text_config=text, vision_config=vision, canvas_length=spec.canvas_length,
-                                boi_token_id=None, eoi_token_id=None, image_token_id=None)
+                                boi_token_id=None, eoi_token_id=None, image_token_id=image_token_id)
 
 
 def build_tiny_model(spec: TinySpec | None = None, tokenizer=None):
@@ -98,7 +99,7 @@ def build_tiny_model(spec: TinySpec | None = None, tokenizer=None):
 
     spec = spec or TinySpec()
     tokenizer = tokenizer or build_tiny_tokenizer()
-    config = tiny_config(spec, vocab_size=len(tokenizer))
+    config = tiny_config(spec, vocab_size=len(tokenizer), image_token_id=tokenizer.unk_token_id)
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(spec.seed)
