@@ -91,7 +91,8 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> Path:
 
     from dgemma_ft.finetune.data import BlockCollator, encode_dataset
     from dgemma_ft.finetune.objective import ObjectiveConfig
-    from dgemma_ft.finetune.trainer import BlockDiffusionTrainer, JsonlLog, RichProgress, training_arguments
+    from dgemma_ft.finetune.trainer import (BlockDiffusionTrainer, JsonlLog, RichProgress, tensorboard_dir,
+                                            training_arguments)
 
     run_dir = Path(recipe.train.output_dir)
     checkpoint = check_run_dir(run_dir, resume)
@@ -124,10 +125,11 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> Path:
                                 ar_weight=recipe.train.ar_weight, block_selection=recipe.train.block_selection,
                                 canvas_samples=recipe.train.canvas_samples)
     resume_step = int(checkpoint.name.split("-")[1]) if checkpoint else 0
-    trainer = BlockDiffusionTrainer(
-        model=model, args=args, train_dataset=encoded, data_collator=BlockCollator(tokenizer.pad_token_id),
-        processing_class=tokenizer, objective=objective,
-        callbacks=[RichProgress(examples_per_step), JsonlLog(run_dir / "logs" / "train_log.jsonl", resume_step)])
+    with tensorboard_dir(run_dir / "logs"):
+        trainer = BlockDiffusionTrainer(
+            model=model, args=args, train_dataset=encoded, data_collator=BlockCollator(tokenizer.pad_token_id),
+            processing_class=tokenizer, objective=objective,
+            callbacks=[RichProgress(examples_per_step), JsonlLog(run_dir / "logs" / "train_log.jsonl", resume_step)])
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
 

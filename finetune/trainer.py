@@ -4,6 +4,7 @@ schedules, bf16, resume, DDP through `accelerate launch`/`torchrun`) is the stoc
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -86,6 +87,21 @@ def _rotate(run_dir: Path, keep: int | None) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def tensorboard_dir(path: Path):
+    """transformers 5.2x's TensorBoard callback reads its folder from TENSORBOARD_LOGGING_DIR when the Trainer is
+    built; set it for that moment only, so one process can train several runs."""
+    previous = os.environ.get("TENSORBOARD_LOGGING_DIR")
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(path)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TENSORBOARD_LOGGING_DIR", None)
+        else:
+            os.environ["TENSORBOARD_LOGGING_DIR"] = previous
+
+
 def newest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
     """The complete checkpoint with the highest step (staging folders are never complete ones)."""
     found = [p for p in Path(checkpoint_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[1].isdigit()]
@@ -96,8 +112,9 @@ def training_arguments(train, run_dir: Path, use_cuda: bool, bf16: bool) -> Trai
     """Map the recipe's `train` section onto `TrainingArguments`."""
     schedule = {"cosine": "cosine_with_min_lr", "linear": "linear", "constant": "constant_with_warmup"}[train.schedule]
     kwargs = {"min_lr": train.min_lr} if train.schedule == "cosine" else {}
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "logs"))
+    extra = {"logging_dir": str(run_dir / "logs")} if "logging_dir" in TrainingArguments.__dataclass_fields__ else {}
     return TrainingArguments(
+        **extra,
         output_dir=str(run_dir / "checkpoints"),
         max_steps=train.steps,
         per_device_train_batch_size=train.batch_size,
