@@ -109,7 +109,7 @@ class EvalSection(_Section):
     steps: list[int] = Field(default_factory=lambda: [48])
     batch_size: int = Field(64, gt=0)
     pin: bool = True
-    renoise: bool = False
+    renoise: bool = True  # measured: +0.5-0.7 points on Dream 4x4 at 4-48 steps (README)
     max_new_tokens: int | None = Field(None, gt=0)
     seed: int = 0
     after_train: bool = True

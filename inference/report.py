@@ -24,8 +24,9 @@ def write_report(out_dir: Path, header: dict, results: list, sampler: dict, trai
         figure = plot_training_loss(training_log)
         if figure is not None:
             plots["training_loss"] = _write_png(out_dir / "training_loss.png", figure)
-    traced = next((r for r in sorted(results, key=lambda r: -r.setting.steps)
-                   for rec in r.records if rec.get("trace")), None)
+    # trace of the richest setting: most steps, renoising and pinning on when they ran
+    ranked = sorted(results, key=lambda r: (-r.setting.steps, not r.setting.renoise, not r.setting.pin))
+    traced = next((r for r in ranked for rec in r.records if rec.get("trace")), None)
     if traced is not None and tokenizer is not None:
         record = next(rec for rec in traced.records if rec.get("trace"))
         plots["trace"] = _write_png(out_dir / "trace.png", plot_trace(record["trace"], tokenizer,

@@ -26,6 +26,7 @@ class EvalTarget:
     load: Callable[[], tuple]  # -> (model, tokenizer)
     load_base: Callable[[], tuple] | None
     training_log: Path | None
+    kind: str = "trained"  # how the report names the model under test: trained, adapter, merged, base
 
 
 def _loader(section, merge_adapter: bool = False, adapter: str | None = None):
@@ -56,7 +57,8 @@ def resolve_target(target: str | Path, adapter: str | None = None) -> EvalTarget
         base_section = recipe.model
         return EvalTarget(recipe, label=str(adapter or recipe.model.name), out_dir=run_dir / "eval",
                           load=_loader(base_section, adapter=adapter),
-                          load_base=_loader(base_section) if adapter else None, training_log=None)
+                          load_base=_loader(base_section) if adapter else None, training_log=None,
+                          kind="adapter" if adapter else "base")
     if is_run_folder(path):
         recipe = load_recipe(path / "recipe.yaml")
         run_section = recipe.model.model_copy(update={"name": str(path)})
@@ -64,15 +66,16 @@ def resolve_target(target: str | Path, adapter: str | None = None) -> EvalTarget
         if adapter is not None:
             return EvalTarget(recipe, label=str(adapter), out_dir=path / "eval",
                               load=_loader(recipe.model, adapter=adapter), load_base=_loader(recipe.model),
-                              training_log=None)
+                              training_log=None, kind="adapter")
         return EvalTarget(recipe, label=str(path), out_dir=path / "eval", load=_loader(run_section),
                           load_base=_loader(base) if base is not None else _loader(recipe.model),
-                          training_log=path / "logs" / "train_log.jsonl")
+                          training_log=path / "logs" / "train_log.jsonl",
+                          kind="adapter" if recipe.finetune == "lora" else "trained")
     if (path / "config.json").is_file() and (path / MERGED_RECIPE).is_file():
         recipe = load_recipe(path / MERGED_RECIPE)
         section = recipe.model.model_copy(update={"name": str(path), "tiny": recipe.model.tiny})
         return EvalTarget(recipe, label=str(path), out_dir=path / "eval", load=_loader(section),
-                          load_base=None, training_log=None)
+                          load_base=None, training_log=None, kind="merged")
     if path.exists():
         raise UserError(f"eval: '{target}' is neither a run folder (recipe.yaml + adapter/ or model/), a recipe "
                         f".yaml, nor a merged model folder with its {MERGED_RECIPE}")
@@ -106,7 +109,7 @@ def run_evaluation(target: str | Path, adapter: str | None = None, include_base:
     batch = batch_size or recipe.eval.batch_size
     out = Path(out_dir) if out_dir is not None else resolved.out_dir
 
-    models = [("adapter" if adapter or recipe.finetune == "lora" else "trained", resolved.load)]
+    models = [(resolved.kind, resolved.load)]
     if include_base:
         if resolved.load_base is None:
             raise UserError(f"--base: no base model is known for '{target}'")
