@@ -54,16 +54,17 @@ def _pairs(base, targets=TEXT_LINEAR_NAMES):
                 yield enc_parent, dec_parent, name
 
 
-def share_decoder_linears(model, targets=TEXT_LINEAR_NAMES) -> int:
+def share_decoder_linears(model, targets=TEXT_LINEAR_NAMES, force: bool = False) -> int:
     """Point the decoder's target linears at the encoder's module objects (same weights, so the function is
-    unchanged); afterwards an adapter wrapped around one is used by both passes. Returns how many were shared."""
+    unchanged); afterwards an adapter wrapped around one is used by both passes. Returns how many were shared.
+    `force` skips the check that both hold the same Parameter (bitsandbytes quantizes each copy separately)."""
     base = unwrap_model(model)
     count = 0
     for enc_parent, dec_parent, name in _pairs(base, targets):
         enc_module, dec_module = getattr(enc_parent, name), getattr(dec_parent, name)
         if enc_module is dec_module:
             continue
-        if hasattr(dec_module, "weight") and hasattr(enc_module, "weight") and \
+        if not force and hasattr(dec_module, "weight") and hasattr(enc_module, "weight") and \
                 dec_module.weight is not enc_module.weight and not _same_base_weight(enc_module, dec_module):
             raise UserError("the encoder and decoder of this model do not share their text weights; it cannot "
                             "carry one shared adapter (was it saved with untied weights?)")

@@ -14,7 +14,9 @@ from dgemma_ft.finetune.recipe import ModelSection
 
 # Modules that stay in full precision under 4-bit loading: the vision tower, the router, self-conditioning and
 # the head are small or numerically delicate; bitsandbytes cannot quantize the 3-D expert tensors anyway.
-KEEP_FULL_PRECISION = ["vision_tower", "embed_vision", "router", "self_conditioning", "lm_head"]
+# Plain names for older transformers (substring match), `.*name` for 5.2x (matched from the start of the path).
+_KEEP = ["vision_tower", "embed_vision", "router", "self_conditioning"]
+KEEP_FULL_PRECISION = [*_KEEP, *(f".*{name}" for name in _KEEP), "lm_head"]
 
 
 @dataclass
@@ -113,14 +115,7 @@ def _share_after_quantization(model) -> None:
     quantized modules so the shared weights stay shared (and one adapter serves both)."""
     from dgemma_ft.finetune.lora import share_decoder_linears
 
-    base = model
-    for enc_layer, dec_layer in zip(base.model.encoder.language_model.layers, base.model.decoder.layers):
-        for group in ("self_attn", "mlp"):
-            enc_parent, dec_parent = getattr(enc_layer, group), getattr(dec_layer, group)
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
-                if getattr(enc_parent, name, None) is not None and hasattr(dec_parent, name):
-                    setattr(dec_parent, name, getattr(enc_parent, name))
-    share_decoder_linears(model)
+    share_decoder_linears(model, force=True)
 
 
 def _load_run_folder(path: Path, section: ModelSection, dtype: torch.dtype, merge: bool = True) -> LoadedModel:
