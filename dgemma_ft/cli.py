@@ -169,11 +169,21 @@ def push(
 COMMANDS = {"train", "check", "eval", "generate", "merge", "push", "--help", "-h"}
 
 
+def _quiet_library_progress() -> None:
+    """The kit shows its own rich progress; silence the per-file bars of datasets/transformers (they flood logs)."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
         argv.insert(0, "train")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_library_progress()
     try:
         app(argv, prog_name="dgemma-ft", standalone_mode=False)
     except UserError as exc:

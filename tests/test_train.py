@@ -145,6 +145,25 @@ def test_lora_on_a_trained_tiny_base_is_one_shared_mergeable_adapter(tmp_path):
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert "vision" not in json.dumps(config["target_modules"])
 
+    # merge -> plain transformers -> same logits; and `eval` on the merged folder answers as the run does
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    from dgemma_ft.finetune.merge import merge
+    from dgemma_ft.inference.run_eval import run_evaluation
+
+    merged_dir = tmp_path / "merged"
+    merge(run_dir, merged_dir, dtype="float32")
+    reloaded = DiffusionGemmaForBlockDiffusion.from_pretrained(str(merged_dir)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids, decoder_input_ids=canvas).logits, expected, atol=1e-4,
+                                   rtol=0)
+    from_run = run_evaluation(run_dir, limit=8, steps=[4], out_dir=tmp_path / "eval-run")
+    from_merged = run_evaluation(merged_dir, limit=8, steps=[4], out_dir=tmp_path / "eval-merged")
+    assert from_run["results"][0]["solve_rate"] == from_merged["results"][0]["solve_rate"]
+    outputs = [[json.loads(line)["output"] for line in (tmp_path / name / "predictions.jsonl").read_text()
+                .splitlines()] for name in ("eval-run", "eval-merged")]
+    assert outputs[0] == outputs[1]
+
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo DDP test runs on Linux")
 def test_ddp_two_cpu_processes(tmp_path):
