@@ -14,7 +14,6 @@ and TRL's DiffusionGemma recipes produce) is "separate": it runs as it is, but c
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
@@ -171,14 +170,6 @@ def load_adapter(model, path: str | Path, trainable: bool = False):
         _retie_wrappers(peft_model)
     peft_model.adapter_layout = layout
     return peft_model
-
-
-def lora_param_names(model) -> list[str]:
-    return [name for name, p in model.named_parameters() if p.requires_grad]
-
-
-def is_text_linear(name: str) -> bool:
-    return re.fullmatch(target_regex() + r"(\..*)?", name) is not None
 
 
 BASE_RECORD = "dgemma_ft_base.json"

@@ -151,8 +151,8 @@ def _what(info: CardInfo) -> str:
 def _results(info: CardInfo) -> list[str]:
     report = info.eval_report
     if not report or not report.get("results"):
-        return ["## Evaluation", "", f"No evaluation report was found; run `dgemma-ft eval` on the run folder "
-                                     f"to measure it.", ""]
+        return ["## Evaluation", "", "No evaluation report was found; run `dgemma-ft eval` on the run folder "
+                                     "to measure it.", ""]
     where = f" on `{report['data']}`" if report.get("data") else ""
     count = f" ({report['examples']} examples" if report.get("examples") is not None else ""
     seed = f", sampling seed {report['seed']})" if report.get("seed") is not None else (")" if count else "")

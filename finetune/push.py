@@ -282,8 +282,8 @@ def _hub_error(exc: Exception, repo: str, endpoint: str) -> str:
     if isinstance(exc, HfHubHTTPError) and exc.response is not None:
         status = exc.response.status_code
         if status == 401:
-            return (f"push: the Hub rejected the token (401); log in again with `hf auth login` or set HF_TOKEN to "
-                    f"a token with write access")
+            return ("push: the Hub rejected the token (401); log in again with `hf auth login` or set HF_TOKEN to "
+                    "a token with write access")
         if status == 403:
             return (f"push: no write access to {repo} (403); use a repo in your namespace or an organisation you "
                     f"can write to, and a token with write access")

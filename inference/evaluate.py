@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import torch
 
-from dgemma_ft.errors import UserError
 from dgemma_ft.finetune.data import prompt_ids
 from dgemma_ft.inference.constraints import pinned_tokens, special_token_ids, violation_checker
 from dgemma_ft.inference.sampling import Request, SamplerConfig

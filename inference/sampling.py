@@ -19,7 +19,6 @@ What this module adds:
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -305,20 +304,3 @@ class BlockDiffusionSampler:
                                          "accepted": accept[k].tolist(), "renoised": flagged[k].tolist(),
                                          "pinned": live_pins[k].tolist()})
         return argmax
-
-
-def generate(model, requests: list[Request], config: SamplerConfig | None = None, pin: bool = True,
-             renoise: bool = False, batch_size: int = 64, trace_index: int | None = None,
-             progress: Callable[[int], None] | None = None) -> tuple[list[Generation], float]:
-    """Answer `requests` in batches; returns (generations in order, wall seconds)."""
-    sampler = BlockDiffusionSampler(model, config or SamplerConfig.from_model(model))
-    started = time.perf_counter()
-    results: list[Generation] = []
-    for begin in range(0, len(requests), batch_size):
-        chunk = requests[begin:begin + batch_size]
-        local_trace = trace_index - begin if trace_index is not None and begin <= trace_index < begin + len(chunk) \
-            else None
-        results.extend(sampler.generate(chunk, pin=pin, renoise=renoise, trace_index=local_trace))
-        if progress is not None:
-            progress(len(chunk))
-    return results, time.perf_counter() - started
