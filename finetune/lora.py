@@ -22,8 +22,6 @@ from dgemma_ft.errors import UserError
 from dgemma_ft.finetune.objective import unwrap_model
 from dgemma_ft.finetune.recipe import TEXT_LINEAR_NAMES
 
-ENCODER_LAYERS = "model.encoder.language_model.layers"
-DECODER_LAYERS = "model.decoder.layers"
 _SUBMODULE = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
               "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 
