@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -18,24 +19,35 @@ console = Console(stderr=False)
 err = Console(stderr=True)
 
 SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe field: key.sub=value")]
+DeviceOption = Annotated[Optional[str], typer.Option("--device", help="where the model runs: auto (the GPU when one "
+                                                                      "is present), cpu, cuda, cuda:N, mps")]
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+
+
+def _device(value: str | None) -> str | None:
+    if value is not None and not DEVICE_PATTERN.match(value):
+        raise UserError(f"--device {value!r}: give auto, cpu, cuda, cuda:N or mps")
+    return value
 
 
 @app.command()
 def train(recipe: Annotated[Path, typer.Argument(help="YAML recipe")],
           set_: SetOption = None,
           resume: Annotated[bool, typer.Option("--resume", help="continue from the newest checkpoint")] = False,
-          evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="evaluate after training")] = True):
+          evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="evaluate after training")] = True,
+          device: DeviceOption = None):
     """Train as RECIPE says, then evaluate the result on the recipe's eval set."""
     from dgemma_ft.finetune.recipe import load_recipe
     from dgemma_ft.finetune.run import is_main_process
     from dgemma_ft.finetune.run import train as run_training
 
-    loaded = load_recipe(recipe, set_ or [])
-    run_dir = run_training(loaded, resume=resume, console=console)
+    overrides = list(set_ or []) + ([f"model.device={_device(device)}"] if device else [])
+    loaded = load_recipe(recipe, overrides)
+    run_dir = run_training(loaded, resume=resume, console=console)  # returns after releasing the trained model
     if evaluate and loaded.eval.after_train and loaded.task.eval is not None and is_main_process():
         from dgemma_ft.inference.run_eval import run_evaluation
 
-        run_evaluation(run_dir, console=console)
+        run_evaluation(run_dir, console=console, device=device)
 
 
 @app.command()
@@ -73,19 +85,27 @@ def eval_command(
         renoise: Annotated[Optional[bool], typer.Option("--renoise/--no-renoise",
                                                         help="send validator-flagged tokens back to noise")] = None,
         both: Annotated[bool, typer.Option("--compare", help="run every pin x renoise combination")] = False,
-        batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="examples per batch")] = None,
+        batch_size: Annotated[Optional[str], typer.Option("--batch-size", help="examples per batch, or auto (the "
+                                                                             "largest that fits)")] = None,
         seed: Annotated[Optional[int], typer.Option(help="sampling seed")] = None,
-        out: Annotated[Optional[Path], typer.Option(help="report folder (default: TARGET/eval)")] = None):
+        out: Annotated[Optional[Path], typer.Option(help="report folder (default: TARGET/eval)")] = None,
+        device: DeviceOption = None):
     """Evaluate a model on its task and write eval/report.md, report.json, predictions.jsonl and plots."""
     from dgemma_ft.inference.run_eval import run_evaluation
 
     if limit is not None and limit <= 0:
         raise UserError("--limit must be a positive number of examples")
-    if batch_size is not None and batch_size <= 0:
-        raise UserError("--batch-size must be positive")
     run_evaluation(target, adapter=adapter, include_base=base, data=data, limit=limit, steps=_steps(steps),
-                   pin=pin, renoise=renoise, batch_size=batch_size, out_dir=out, seed=seed, console=console,
-                   compare=both)
+                   pin=pin, renoise=renoise, batch_size=_batch_size(batch_size), out_dir=out, seed=seed,
+                   console=console, compare=both, device=_device(device))
+
+
+def _batch_size(value: str | None) -> int | str | None:
+    if value is None or value == "auto":
+        return value
+    if not value.isdigit() or int(value) <= 0:
+        raise UserError(f"--batch-size {value!r}: give a positive number of examples, or auto")
+    return int(value)
 
 
 @app.command()
@@ -100,12 +120,13 @@ def generate(
         seed: Annotated[int, typer.Option()] = 0,
         trace: Annotated[Optional[str], typer.Option(help="save the denoising trace as PNG (or .gif)")] = None,
         data: Annotated[Optional[str], typer.Option(help="data for --example (default: the recipe's eval)")] = None,
-        adapter: Annotated[Optional[str], typer.Option(help="a PEFT adapter on the base")] = None):
+        adapter: Annotated[Optional[str], typer.Option(help="a PEFT adapter on the base")] = None,
+        device: DeviceOption = None):
     """Answer one prompt and print the answer (and its verdict for --example)."""
     from dgemma_ft.inference.run_eval import generate_one
 
     result = generate_one(target, prompt=prompt, example=example, steps=steps, pin=pin, renoise=renoise, seed=seed,
-                          trace=trace, data=data, adapter=adapter)
+                          trace=trace, data=data, adapter=adapter, device=_device(device))
     console.print(f"[bold]prompt[/]\n{result['prompt']}", highlight=False)
     console.print(f"[bold]answer[/]\n{result['output']}", highlight=False)
     if "verdict" in result:
@@ -132,11 +153,12 @@ def merge(
         force: Annotated[bool, typer.Option("--force", help="replace --out if it already exists")] = False,
         untie: Annotated[bool, typer.Option("--untie", help="for an adapter whose encoder and decoder weights "
                                                           "differ: save untied encoder/decoder weights "
-                                                          "(a larger checkpoint)")] = False):
+                                                          "(a larger checkpoint)")] = False,
+        device: DeviceOption = None):
     """Fold a run's LoRA adapter into its base and save a standard checkpoint (+ tokenizer, recipe.yaml)."""
     from dgemma_ft.finetune.merge import merge as merge_run
 
-    result = merge_run(source, out, dtype=dtype, force=force, untie=untie, say=_say)
+    result = merge_run(source, out, dtype=dtype, force=force, untie=untie, say=_say, device=_device(device))
     total = sum(result.files.values())
     console.print(f"[bold green]merged[/] ({result.layout} adapter, {result.dtype}"
                   f"{', untied' if result.untied else ''}): {result.out} ({total / 2**20:.1f} MiB); "
@@ -178,11 +200,26 @@ def _quiet_library_progress() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def _import_backend_first(argv: list[str]) -> None:
+    """Unsloth must be imported before transformers: do it now if the command's recipe (a .yaml, or a run or
+    merged folder's recipe.yaml) chooses `model.backend: unsloth`."""
+    # imported here to keep `dgemma-ft --help` fast; it imports no transformers itself
+    from dgemma_ft.finetune.model_loading import import_backend_first
+
+    if len(argv) < 2 or argv[1].startswith("-"):
+        return
+    target = Path(argv[1])
+    recipe = target / "recipe.yaml" if target.is_dir() else target
+    overrides = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--set"]
+    import_backend_first(recipe, overrides)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
         argv.insert(0, "train")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _import_backend_first(argv)
     _quiet_library_progress()
     try:
         app(argv, prog_name="dgemma-ft", standalone_mode=False)

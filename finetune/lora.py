@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from dgemma_ft.errors import UserError
-from dgemma_ft.finetune.objective import unwrap_model
+from dgemma_ft.plumbing import unwrap_model
 from dgemma_ft.finetune.recipe import TEXT_LINEAR_NAMES
 
 _SUBMODULE = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",

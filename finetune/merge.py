@@ -170,8 +170,9 @@ def untie_weights(model) -> int:
 
 # ------------------------------------------------------------------------------------------------------ merge
 def merge(run_dir_or_adapter_source: str | Path, out: str | Path, dtype: str = "bfloat16", force: bool = False,
-          untie: bool = False, say: Callable[[str], None] | None = None) -> MergeResult:
-    """Fold the run's adapter into its base (or re-save a full run) as a standard checkpoint in `out`."""
+          untie: bool = False, say: Callable[[str], None] | None = None, device: str | None = None) -> MergeResult:
+    """Fold the run's adapter into its base (or re-save a full run) as a standard checkpoint in `out`, working on
+    `device` (default: the GPU when one is present)."""
     say = say or (lambda message: None)
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
@@ -183,10 +184,10 @@ def merge(run_dir_or_adapter_source: str | Path, out: str | Path, dtype: str = "
 
     recipe = load_recipe(run / "recipe.yaml")
     if (run / "model").is_dir():
-        model, tokenizer, layout, base = _load_full(run, dtype)
+        model, tokenizer, layout, base = _load_full(run, dtype, device)
         untied = not getattr(model.config, "tie_word_embeddings", True)
     else:
-        model, tokenizer, layout, base, untied = _load_and_merge(run, recipe, dtype, untie, say)
+        model, tokenizer, layout, base, untied = _load_and_merge(run, recipe, dtype, untie, say, device)
     model.to(DTYPES[dtype])
     model.eval()
 
@@ -203,12 +204,15 @@ def merge(run_dir_or_adapter_source: str | Path, out: str | Path, dtype: str = "
     return result
 
 
-def _load_full(run: Path, dtype: str):
+def _load_full(run: Path, dtype: str, device: str | None = None):
     from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
+
+    from dgemma_ft.finetune.model_loading import resolve_device
 
     folder = run / "model"
     try:
-        model = DiffusionGemmaForBlockDiffusion.from_pretrained(str(folder), dtype=DTYPES[dtype])
+        model = DiffusionGemmaForBlockDiffusion.from_pretrained(
+            str(folder), dtype=DTYPES[dtype], device_map={"": str(resolve_device(device or "auto"))})
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
     except OSError as exc:
         raise UserError(f"{folder}: cannot load the run's weights ({str(exc).splitlines()[0]}); is the run "
@@ -219,7 +223,7 @@ def _load_full(run: Path, dtype: str):
     return model, tokenizer, "full", base
 
 
-def _load_and_merge(run: Path, recipe, dtype: str, untie: bool, say):
+def _load_and_merge(run: Path, recipe, dtype: str, untie: bool, say, device: str | None = None):
     from dgemma_ft.finetune.lora import adapter_layout, check_adapter_base, load_adapter, merge_shared
     from dgemma_ft.finetune.model_loading import load_model
 
@@ -231,7 +235,8 @@ def _load_and_merge(run: Path, recipe, dtype: str, untie: bool, say):
                         f"pass --untie to save a model whose encoder and decoder weights are separate copies "
                         f"(text weights stored twice), or evaluate the adapter unmerged")
     # Merge in the output precision (never 4-bit, always the plain PEFT backend).
-    section = recipe.model.model_copy(update={"dtype": dtype, "load_in_4bit": False, "backend": "peft"})
+    section = recipe.model.model_copy(update={"dtype": dtype, "load_in_4bit": False, "backend": "peft",
+                                              "device": device or recipe.model.device})
     loaded = load_model(section)
     check_base_name(adapter_dir, loaded.base_name)
     check_adapter_base(loaded.model, adapter_dir, fix=f"set model.name in {run / 'recipe.yaml'} to the base the "

@@ -3,11 +3,16 @@
 
 from __future__ import annotations
 
+import gc
+import importlib
 import importlib.util
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
 from dgemma_ft.errors import UserError
 from dgemma_ft.finetune.recipe import ModelSection
@@ -32,6 +37,36 @@ def is_run_folder(path: str | Path) -> bool:
     return (path / "recipe.yaml").is_file() and ((path / "model").is_dir() or (path / "adapter").is_dir())
 
 
+def resolve_device(name: str = "auto") -> torch.device:
+    """The device a model goes to: `auto` is the GPU when one is present (CUDA, else Apple's MPS), else the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device '{name}': no CUDA GPU is visible here; use --device cpu (or auto)")
+        index = device.index or 0
+        if index >= torch.cuda.device_count():
+            raise UserError(f"device '{name}': only {torch.cuda.device_count()} CUDA GPU(s) are visible; use "
+                            f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+        return torch.device("cuda", index)
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError(f"device '{name}': MPS is not available here; use --device cpu (or auto)")
+    return device
+
+
+def free_memory() -> None:
+    """Collect unreachable models (Trainer, accelerate and PEFT hold them in reference cycles) and hand cached GPU
+    memory back, so the next model loads into free memory."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def resolve_dtype(name: str) -> torch.dtype:
     if name == "auto":
         if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
@@ -41,17 +76,19 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def load_model(section: ModelSection, merge_adapter: bool = True) -> LoadedModel:
-    """The model and tokenizer for `section`; errors say what to change. A run folder's adapter is merged in
-    memory (so a new adapter can go on top) unless `merge_adapter` is False (evaluation runs it as it is)."""
+    """The model and tokenizer for `section`, on `section.device`; errors say what to change. A run folder's
+    adapter is merged in memory (so a new adapter can go on top) unless `merge_adapter` is False (evaluation runs it
+    as it is)."""
     dtype = resolve_dtype(section.dtype)
-    if section.backend == "unsloth":
+    if section.backend == "unsloth":  # Unsloth places the model itself (on the GPU)
         return _load_unsloth(section, dtype)
+    device = resolve_device(section.device)
     name = section.name
     if name == "tiny":
         from dgemma_ft.finetune.tiny import build_tiny_model
 
         model, tokenizer = build_tiny_model(section.tiny)
-        model.to(dtype)
+        model.to(device=device, dtype=dtype)
         _set_attention(model, section.attn_implementation)
         return LoadedModel(model, tokenizer, source="tiny", base_name="tiny")
     if is_run_folder(name):
@@ -91,11 +128,13 @@ def _quantization_config(section: ModelSection, dtype: torch.dtype):
 def _load_pretrained(name: str, section: ModelSection, dtype: torch.dtype) -> LoadedModel:
     from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
 
-    kwargs = dict(dtype=dtype, attn_implementation=section.attn_implementation, revision=section.revision)
+    device = resolve_device(section.device)
+    # device_map puts every weight straight onto the device as it is read (no full copy in CPU memory first)
+    kwargs = dict(dtype=dtype, attn_implementation=section.attn_implementation, revision=section.revision,
+                  device_map={"": str(device)})
     quantization = _quantization_config(section, dtype)
     if quantization is not None:
         kwargs["quantization_config"] = quantization
-        kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
     try:
         model = DiffusionGemmaForBlockDiffusion.from_pretrained(name, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(name, revision=section.revision)
@@ -133,14 +172,16 @@ def _load_run_folder(path: Path, section: ModelSection, dtype: torch.dtype, merg
     from dgemma_ft.finetune.lora import load_adapter, merge_shared
 
     run_recipe = load_recipe(path / "recipe.yaml")
-    base = load_model(run_recipe.model.model_copy(update={"dtype": section.dtype}))
+    base = load_model(run_recipe.model.model_copy(update={"dtype": section.dtype, "device": section.device}))
     adapted = load_adapter(base.model, path / "adapter")
     model = merge_shared(adapted) if merge else adapted
     return LoadedModel(model, base.tokenizer, source=str(path), base_name=base.base_name)
 
 
 def _load_unsloth(section: ModelSection, dtype: torch.dtype) -> LoadedModel:
-    """Unsloth's loader (fast kernels, its 4-bit path) when it is installed and a GPU is present."""
+    """Unsloth's loader (fast kernels, its 4-bit path) when it is installed and a GPU is present. Unsloth patches
+    transformers when it is imported, so `dgemma-ft` imports it first (`import_backend_first`); the kit then points
+    the decoder at the encoder's (separately quantized) linears so one shared adapter serves both passes."""
     if not torch.cuda.is_available():
         raise UserError("model.backend: unsloth needs a CUDA GPU; use backend: peft on this machine")
     if importlib.util.find_spec("unsloth") is None:
@@ -149,7 +190,10 @@ def _load_unsloth(section: ModelSection, dtype: torch.dtype) -> LoadedModel:
     if section.name == "tiny" or is_run_folder(section.name):
         raise UserError("model.backend: unsloth loads Hub ids and saved model folders only; use backend: peft "
                         "for 'tiny' and run folders")
-    from unsloth import FastModel  # noqa: I001  (unsloth must be imported before transformers patches apply)
+    if "unsloth" not in sys.modules and "transformers" in sys.modules:
+        warnings.warn("unsloth is imported after transformers, so its patches may not apply: import unsloth first "
+                      "(the dgemma-ft command does this for recipes with model.backend: unsloth)", stacklevel=2)
+    from unsloth import FastModel  # optional dependency, imported only for this backend
 
     try:
         model, tokenizer = FastModel.from_pretrained(model_name=section.name, dtype=dtype,
@@ -158,4 +202,29 @@ def _load_unsloth(section: ModelSection, dtype: torch.dtype) -> LoadedModel:
         raise UserError(f"model.name: unsloth cannot load '{section.name}': {str(exc).splitlines()[0]}; "
                         f"download it and point model.name at the local folder") from None
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    _share_after_quantization(model)  # Unsloth's 4-bit path quantizes encoder and decoder linears separately
     return LoadedModel(model, tokenizer, source=section.name, base_name=section.name)
+
+
+def backend_in(recipe_path: str | Path, overrides: list[str]) -> str | None:
+    """The `model.backend` a recipe file (plus `--set` overrides) names, read without importing transformers;
+    None when the file cannot be read (the command itself will then say what is wrong)."""
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.strip() == "model.backend":
+            return value.strip()
+    try:
+        data = yaml.safe_load(Path(recipe_path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    model = data.get("model") if isinstance(data, dict) else None
+    return model.get("backend") if isinstance(model, dict) else None
+
+
+def import_backend_first(recipe_path: str | Path, overrides: list[str]) -> bool:
+    """Import unsloth before transformers when the recipe chooses `backend: unsloth` (its patches must be in place
+    before transformers' modules load). Returns whether it was imported."""
+    if backend_in(recipe_path, overrides) != "unsloth" or importlib.util.find_spec("unsloth") is None:
+        return False
+    importlib.import_module("unsloth")
+    return True

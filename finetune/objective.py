@@ -15,20 +15,26 @@ a whole number of blocks. Then, per step:
    its own (for sliding-window layers: only the last `sliding_window - 1` of them, as the inference cache keeps)
    plus its own canvas, through an explicit additive mask. This reproduces, position for position, what
    `model.generate()` computes at inference (tests/test_objective.py checks the logits to 1e-5).
-5. With probability `self_conditioning_p` per example, a first no-grad decoder pass produces logits that are fed
-   back as `self_conditioning_logits` to the second pass (only the chosen examples run the first pass).
+5. With probability `self_conditioning_p` per example, a first no-grad decoder pass produces logits whose
+   softmax-weighted embeddings (what HF's decoder makes of `self_conditioning_logits`) are fed to the second pass
+   (only the chosen examples run the first pass; optionally at the sampler's temperature for the block's t).
 6. Loss = flat cross-entropy over every supervised canvas position (EOS fill included, no 1/t weight)
-   + `ar_weight` * next-token cross-entropy of the encoder over the response tokens.
+   + `ar_weight` * next-token cross-entropy of the encoder over the response tokens. Both are computed a chunk of
+   positions at a time (`dgemma_ft.plumbing.chunked_cross_entropy`): a 262k vocabulary never needs the whole
+   (positions x vocabulary) float32 logits in memory.
+
+Masks, the KV prefix and the logit plumbing are shared with the sampler in `dgemma_ft/plumbing.py`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
+
+from dgemma_ft.plumbing import (PrefixKV, causal_encoder_masks, chunked_cross_entropy, decoder_masks, run_decoder,
+                                run_encoder, soft_embeddings, softcapped_logits, unwrap_model)
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,9 @@ class ObjectiveConfig:
     ar_weight: float = 1.0
     block_selection: Literal["random", "all"] = "random"
     canvas_samples: int = 1  # independent corruptions of each chosen block, sharing one encoder pass
+    # None: feed back raw logits (the public reference). (t_min, t_max): divide them by t_min + (t_max - t_min) * t,
+    # the temperature the sampler applies at the step whose noise level is t.
+    self_conditioning_temperature: tuple[float, float] | None = None
 
 
 @dataclass
@@ -58,137 +67,36 @@ class ObjectiveOutput:
     diffusion_loss: torch.Tensor
     ar_loss: torch.Tensor | None
     mean_t: torch.Tensor
-    canvas_logits: torch.Tensor  # (B, K, C, V) logits of the denoised blocks
     block_index: torch.Tensor  # (B, K) which response block each canvas is
     block_valid: torch.Tensor  # (B, K) False for padding blocks in `all` mode
     noisy_canvas: torch.Tensor  # (B, K, C) what the decoder read
     clean_canvas: torch.Tensor  # (B, K, C)
-
-
-def unwrap_model(model):
-    """The `DiffusionGemmaForBlockDiffusion` under PEFT / DDP / compile wrappers."""
-    while True:
-        if hasattr(model, "module") and not hasattr(model, "lm_head"):
-            model = model.module
-        elif hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
-class PrefixKV:
-    """A KV prefix in the shape DiffusionGemma's layers read (`layers[i].keys/.values`, (B, heads, L, dim)).
-
-    The encoder appends to it through `update` (the `Cache` method its attention calls); the decoder only reads.
-    Unlike `DynamicCache(config=...)` it never crops sliding-window layers: masks apply the window instead, so
-    training sees exactly the positions inference would.
-    """
-
-    is_compileable = False
-
-    def __init__(self, layers: list[SimpleNamespace] | None = None):
-        self.layers = layers or []
-
-    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
-        while len(self.layers) <= layer_idx:
-            self.layers.append(SimpleNamespace(keys=None, values=None))
-        layer = self.layers[layer_idx]
-        if layer.keys is None:
-            layer.keys, layer.values = keys, values
-        else:
-            layer.keys = torch.cat([layer.keys, keys], dim=-2)
-            layer.values = torch.cat([layer.values, values], dim=-2)
-        return layer.keys, layer.values
-
-    def select(self, rows: torch.Tensor) -> PrefixKV:
-        return PrefixKV([SimpleNamespace(keys=layer.keys[rows], values=layer.values[rows]) for layer in self.layers])
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        if len(self.layers) <= layer_idx or self.layers[layer_idx].keys is None:
-            return 0
-        return self.layers[layer_idx].keys.shape[-2]
-
-
-# ----------------------------------------------------------------------------------------------------- masks
-def encoder_masks(length: int, sliding_window: int, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
-    """Additive causal masks for the encoder (right padding needs none: pads come after every real token)."""
-    query = torch.arange(length, device=device)[:, None]
-    key = torch.arange(length, device=device)[None, :]
-    causal = key <= query
-    sliding = causal & (query - key < sliding_window)
-    return {"full_attention": _additive(causal, dtype)[None, None],
-            "sliding_attention": _additive(sliding, dtype)[None, None]}
-
-
-def decoder_masks(starts: torch.Tensor, canvas_length: int, prefix_length: int, sliding_window: int,
-                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Additive masks (B, 1, K*C, prefix + K*C) for canvases whose blocks start at `starts` (B, K).
-
-    A canvas sees prefix positions before its block start (sliding layers: the last `sliding_window - 1` of them,
-    which is what the inference cache keeps) and its own canvas, bidirectionally; never other canvases.
-    """
-    batch, blocks = starts.shape
-    device = starts.device
-    query_start = starts.repeat_interleave(canvas_length, dim=1)[:, :, None]  # (B, KC, 1)
-    prefix_pos = torch.arange(prefix_length, device=device)[None, None, :]
-    full_prefix = prefix_pos < query_start
-    sliding_prefix = full_prefix & (prefix_pos >= query_start - (sliding_window - 1))
-    block_of = torch.arange(blocks, device=device).repeat_interleave(canvas_length)
-    same_block = (block_of[:, None] == block_of[None, :]).expand(batch, -1, -1)
-    full = torch.cat([full_prefix, same_block], dim=-1)
-    sliding = torch.cat([sliding_prefix, same_block], dim=-1)
-    return {"full_attention": _additive(full, dtype)[:, None], "sliding_attention": _additive(sliding, dtype)[:, None]}
-
-
-def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """0 where attention is allowed, the most negative finite value elsewhere (eager adds masks to scores, so a
-    boolean mask would be silently wrong there)."""
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    canvas_logits: torch.Tensor | None = None  # (B, K, C, V), only with `return_logits` (small models: tests)
 
 
 # ---------------------------------------------------------------------------------------------------- pieces
-def softcapped_logits(base, hidden: torch.Tensor) -> torch.Tensor:
-    """lm_head + final logit soft-capping, exactly as `DiffusionGemmaForBlockDiffusion.forward` does."""
-    logits = base.lm_head(hidden).float()
-    cap = base.final_logit_softcapping
-    return torch.tanh(logits / cap) * cap if cap else logits
-
-
 def encode_prefix(base, input_ids: torch.Tensor):
     """Run the encoder causally over `input_ids` (B, L); returns (last hidden state, full-length PrefixKV)."""
     length = input_ids.shape[1]
     dtype = base.model.decoder.embed_tokens.weight.dtype
     prefix = PrefixKV()
-    outputs = base.model.encoder(
-        input_ids=input_ids,
-        attention_mask=encoder_masks(length, base.config.text_config.sliding_window, dtype, input_ids.device),
-        past_key_values=prefix,
-        position_ids=torch.arange(length, device=input_ids.device)[None],
-        use_cache=True,
-    )
-    return outputs.last_hidden_state, prefix
+    masks = causal_encoder_masks(length, base.config.text_config.sliding_window, dtype, input_ids.device)
+    hidden = run_encoder(base, input_ids, prefix, masks, torch.arange(length, device=input_ids.device)[None])
+    return hidden, prefix
 
 
 def decode_canvases(base, canvas: torch.Tensor, starts: torch.Tensor, prefix: PrefixKV,
-                    self_conditioning_logits: torch.Tensor | None = None,
-                    self_conditioning_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Decoder logits (B, K*C, V) for canvases (B, K*C) of blocks starting at `starts` (B, K)."""
+                    signal: torch.Tensor | None = None) -> torch.Tensor:
+    """Decoder hidden states (B, K*C, H) for canvases (B, K*C) of blocks starting at `starts` (B, K), with the
+    self-conditioning `signal` (B, K*C, H) or None."""
     canvas_length = canvas.shape[1] // starts.shape[1]
     dtype = base.model.decoder.embed_tokens.weight.dtype
-    masks = decoder_masks(starts, canvas_length, prefix.get_seq_length(),
-                          base.config.text_config.sliding_window, dtype)
+    length = prefix.get_seq_length()
+    key_pos = torch.arange(length, device=canvas.device)[None].expand(canvas.shape[0], -1)
+    key_ok = torch.ones_like(key_pos, dtype=torch.bool)
+    masks = decoder_masks(key_pos, key_ok, starts, canvas_length, base.config.text_config.sliding_window, dtype)
     positions = (starts[:, :, None] + torch.arange(canvas_length, device=canvas.device)).flatten(1)
-    hidden = base.model.decoder(
-        decoder_input_ids=canvas,
-        past_key_values=prefix,
-        self_conditioning_logits=self_conditioning_logits,
-        self_conditioning_mask=self_conditioning_mask,
-        decoder_attention_mask=masks,
-        decoder_position_ids=positions,
-    ).last_hidden_state
-    return softcapped_logits(base, hidden)
+    return run_decoder(base, canvas, prefix, masks, positions, signal)
 
 
 def corrupt(clean: torch.Tensor, t: torch.Tensor, vocab_size: int, generator=None) -> torch.Tensor:
@@ -198,12 +106,34 @@ def corrupt(clean: torch.Tensor, t: torch.Tensor, vocab_size: int, generator=Non
     return torch.where(replace, random_tokens, clean)
 
 
+def self_conditioning_signal(base, canvas, starts, prefix, t, config: ObjectiveConfig, generator=None):
+    """The no-grad first pass for the examples drawn to use self-conditioning: (signal (B, K*C, H), or None)."""
+    batch_size, blocks = t.shape
+    device = canvas.device
+    chosen = torch.rand(batch_size, device=device, generator=generator) < config.self_conditioning_p
+    rows = chosen.nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return None
+    temperature = None
+    if config.self_conditioning_temperature is not None:
+        t_min, t_max = config.self_conditioning_temperature
+        per_block = t_min + (t_max - t_min) * t[rows]
+        temperature = per_block.repeat_interleave(canvas.shape[1] // blocks, dim=1)
+    with torch.no_grad():
+        hidden = decode_canvases(base, canvas[rows], starts[rows], prefix.select(rows))
+        signal_rows = soft_embeddings(base, hidden, temperature)
+    signal = signal_rows.new_zeros(batch_size, *signal_rows.shape[1:])
+    signal[rows] = signal_rows
+    return signal
+
+
 # ----------------------------------------------------------------------------------------------- the objective
 def block_diffusion_loss(model, batch: BlockBatch, config: ObjectiveConfig, generator=None,
-                         t_override: float | None = None) -> ObjectiveOutput:
+                         t_override: float | None = None, return_logits: bool = False) -> ObjectiveOutput:
     """Compute the block-diffusion loss for `batch` (see the module docstring).
 
-    `t_override` fixes t for every block (tests use it to check the t -> 0 and t -> 1 limits).
+    `t_override` fixes t for every block (tests use it to check the t -> 0 and t -> 1 limits); `return_logits`
+    also returns the full canvas logits (B, K, C, V), for small models only.
     """
     base = unwrap_model(model)
     text_config = base.config.text_config
@@ -242,26 +172,16 @@ def block_diffusion_loss(model, batch: BlockBatch, config: ObjectiveConfig, gene
 
     # 5. self-conditioning: a no-grad first pass for the examples drawn to use it
     canvas = noisy.flatten(1)
-    sc_logits = sc_mask = None
+    signal = None
     if config.self_conditioning_p > 0:
-        sc_mask = torch.rand(batch_size, device=device, generator=generator) < config.self_conditioning_p
-        rows = sc_mask.nonzero().squeeze(1)
-        if rows.numel():
-            with torch.no_grad():
-                first = decode_canvases(base, canvas[rows], starts[rows], prefix.select(rows))
-            sc_logits = first.new_zeros(batch_size, *first.shape[1:])
-            sc_logits[rows] = first
-            sc_logits = sc_logits.to(base.model.decoder.embed_tokens.weight.dtype)
-        else:
-            sc_mask = None
+        signal = self_conditioning_signal(base, canvas, starts, prefix, t, config, generator)
 
     # 4. denoise
-    logits = decode_canvases(base, canvas, starts, prefix, sc_logits, sc_mask)
-    logits = logits.view(batch_size, blocks, canvas_length, -1)
+    hidden = decode_canvases(base, canvas, starts, prefix, signal).view(batch_size, blocks, canvas_length, -1)
 
-    # 6. losses
+    # 6. losses, never holding more than one chunk of vocabulary-sized logits
     supervised = block_valid[:, :, None].expand(-1, -1, canvas_length)
-    diffusion_loss = F.cross_entropy(logits[supervised], clean[supervised])
+    diffusion_loss = chunked_cross_entropy(base, hidden[supervised], clean[supervised])
     loss = diffusion_loss
     ar_loss = None
     if config.ar_weight > 0:
@@ -270,8 +190,9 @@ def block_diffusion_loss(model, batch: BlockBatch, config: ObjectiveConfig, gene
         loss = loss + config.ar_weight * ar_loss
     return ObjectiveOutput(loss=loss, diffusion_loss=diffusion_loss.detach(),
                            ar_loss=None if ar_loss is None else ar_loss.detach(),
-                           mean_t=t[block_valid].mean().detach(), canvas_logits=logits, block_index=block_index,
-                           block_valid=block_valid, noisy_canvas=noisy, clean_canvas=clean)
+                           mean_t=t[block_valid].mean().detach(), block_index=block_index, block_valid=block_valid,
+                           noisy_canvas=noisy, clean_canvas=clean,
+                           canvas_logits=softcapped_logits(base, hidden) if return_logits else None)
 
 
 def _encoder_next_token_loss(base, hidden, input_ids, prompt_lengths, response_lengths) -> torch.Tensor:
@@ -279,5 +200,4 @@ def _encoder_next_token_loss(base, hidden, input_ids, prompt_lengths, response_l
     positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
     is_target = (positions >= prompt_lengths[:, None]) & (positions < (prompt_lengths + response_lengths)[:, None])
     rows, targets = is_target.nonzero(as_tuple=True)
-    logits = softcapped_logits(base, hidden[rows, targets - 1])
-    return F.cross_entropy(logits, input_ids[rows, targets])
+    return chunked_cross_entropy(base, hidden[rows, targets - 1], input_ids[rows, targets])

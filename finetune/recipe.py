@@ -28,6 +28,8 @@ class ModelSection(_Section):
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     load_in_4bit: bool = False
     backend: Literal["peft", "unsloth"] = "peft"
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$",
+                        description="auto (the GPU when one is present), cpu, cuda, cuda:N or mps")
     tiny: TinySpec = Field(default_factory=TinySpec)
 
     @field_validator("name")
@@ -77,6 +79,8 @@ class TrainSection(_Section):
     seed: int = 0
     eps: float = Field(1e-3, gt=0, lt=1)
     self_conditioning_p: float = Field(0.5, ge=0, le=1)
+    self_conditioning_scale: Literal["raw", "temperature"] = Field(
+        "raw", description="feed back raw logits, or logits at the sampler's temperature for the block's noise level")
     ar_weight: float = Field(1.0, ge=0)
     block_selection: Literal["random", "all"] = "random"
     canvas_samples: int = Field(1, gt=0, description="corruptions per chosen block, sharing one encoder pass")
@@ -107,7 +111,8 @@ class TrainSection(_Section):
 class EvalSection(_Section):
     limit: int | None = Field(None, gt=0)
     steps: list[int] = Field(default_factory=lambda: [48])
-    batch_size: int = Field(64, gt=0)
+    batch_size: int | Literal["auto"] = Field(64, description="examples per sampler batch, or 'auto': the largest "
+                                                             "that fits (backs off on out-of-memory)")
     pin: bool = True
     renoise: bool = True  # measured: +0.5-0.7 points on Dream 4x4 at 4-48 steps (README)
     max_new_tokens: int | None = Field(None, gt=0)
@@ -119,6 +124,13 @@ class EvalSection(_Section):
     def _steps(cls, value: list[int]) -> list[int]:
         if not value or any(s <= 0 for s in value):
             raise ValueError("list positive denoising step counts, e.g. [1, 4, 16, 48]")
+        return value
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch_size(cls, value: int | str) -> int | str:
+        if value != "auto" and value <= 0:
+            raise ValueError("give a positive number of examples, or 'auto'")
         return value
 
 

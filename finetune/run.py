@@ -21,7 +21,9 @@ import torch
 
 from dgemma_ft.errors import UserError
 from dgemma_ft.finetune.atomic import atomic_dir, atomic_write_text
+from dgemma_ft.finetune.model_loading import free_memory, resolve_device
 from dgemma_ft.finetune.recipe import Recipe
+from dgemma_ft.plumbing import temperature_range
 from dgemma_ft.tasks.base import SourceSpec, Task, get_task
 
 
@@ -90,12 +92,13 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> Path:
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from dgemma_ft.finetune.data import BlockCollator, encode_dataset
-    from dgemma_ft.finetune.objective import ObjectiveConfig
+    from dgemma_ft.finetune.distributed import unsharded_for_saving
     from dgemma_ft.finetune.trainer import (BlockDiffusionTrainer, JsonlLog, RichProgress, tensorboard_dir,
                                             training_arguments)
 
     run_dir = Path(recipe.train.output_dir)
     checkpoint = check_run_dir(run_dir, resume)
+    device = training_device(recipe.model.device)
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
     say = console.print if console is not None and is_main_process() else (lambda *a, **k: None)
@@ -117,13 +120,11 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> Path:
             resolved = recipe.model_copy(deep=True)
             atomic_write_text(run_dir / "recipe.yaml", resolved.to_yaml())
 
-    use_cuda = torch.cuda.is_available()
+    use_cuda = device.type == "cuda"
     bf16 = use_cuda and torch.cuda.is_bf16_supported() and recipe.model.dtype in ("auto", "bfloat16")
     args = training_arguments(recipe.train, run_dir, use_cuda, bf16)
     examples_per_step = recipe.train.batch_size * recipe.train.grad_accum * max(1, args.world_size)
-    objective = ObjectiveConfig(eps=recipe.train.eps, self_conditioning_p=recipe.train.self_conditioning_p,
-                                ar_weight=recipe.train.ar_weight, block_selection=recipe.train.block_selection,
-                                canvas_samples=recipe.train.canvas_samples)
+    objective = objective_config(recipe.train, loaded.model)
     resume_step = int(checkpoint.name.split("-")[1]) if checkpoint else 0
     with tensorboard_dir(run_dir / "logs"):
         trainer = BlockDiffusionTrainer(
@@ -136,6 +137,7 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> Path:
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     seconds = time.perf_counter() - started
+    model = unsharded_for_saving(trainer, model)  # under FSDP: gathers the weights (every process)
     if is_main_process():
         save_final(model, tokenizer, recipe, run_dir, loaded.base_name)
         trainer.state.save_to_json(str(run_dir / "trainer_state.json"))
@@ -146,7 +148,32 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> Path:
                    "trainable_parameters": trainable, "total_parameters": total, "base": loaded.base_name}
         atomic_write_text(run_dir / "train_summary.json", json.dumps(summary, indent=2))
         say(f"[bold green]trained[/] {steps_run} steps in {seconds:.0f} s; run folder: {run_dir}")
+    # release the trained model (the Trainer and its accelerator hold it in reference cycles) before anything
+    # else, e.g. the evaluation that follows, loads another copy
+    del trainer, model, loaded
+    free_memory()
     return run_dir
+
+
+def objective_config(train, model):
+    """The objective's knobs from the recipe's `train` section (and the model's sampler temperatures)."""
+    from dgemma_ft.finetune.objective import ObjectiveConfig
+
+    temperatures = temperature_range(model) if train.self_conditioning_scale == "temperature" else None
+    return ObjectiveConfig(eps=train.eps, self_conditioning_p=train.self_conditioning_p, ar_weight=train.ar_weight,
+                           block_selection=train.block_selection, canvas_samples=train.canvas_samples,
+                           self_conditioning_temperature=temperatures)
+
+
+def training_device(name: str) -> torch.device:
+    """The device this process trains on. Under `torchrun`/`accelerate launch` each process takes the GPU of its
+    local rank, so the model is loaded straight onto it (not onto GPU 0 by every process)."""
+    device = resolve_device(name)
+    if device.type == "cuda":
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)  # the Trainer's "cuda" is then this GPU
+    return device
 
 
 def save_final(model, tokenizer, recipe: Recipe, run_dir: Path, base_name: str | None = None) -> None:

@@ -16,6 +16,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from dgemma_ft.errors import UserError
 from dgemma_ft.finetune.data import as_block_batch
+from dgemma_ft.finetune.distributed import forward_through, prepare_fsdp
 from dgemma_ft.finetune.objective import ObjectiveConfig, block_diffusion_loss
 
 STAGING = ".staging"
@@ -31,11 +32,12 @@ class NonFiniteLossError(UserError):
 class BlockDiffusionTrainer(Trainer):
     def __init__(self, *args, objective: ObjectiveConfig, **kwargs):
         super().__init__(*args, **kwargs)
+        prepare_fsdp(self)
         self.objective = objective
         self._figures: dict[str, list[float]] = {"diffusion_loss": [], "ar_loss": [], "mean_t": []}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        out = block_diffusion_loss(model, as_block_batch(inputs), self.objective)
+        out = forward_through(model, lambda: block_diffusion_loss(model, as_block_batch(inputs), self.objective))
         if not torch.isfinite(out.loss):
             last = newest_checkpoint(self.args.output_dir)
             raise NonFiniteLossError(
@@ -68,6 +70,8 @@ class BlockDiffusionTrainer(Trainer):
             super()._save_checkpoint(model, trial)
         finally:
             self.args.output_dir, self.args.save_total_limit = str(run_dir), keep_limit
+        if self.args.world_size > 1:
+            torch.distributed.barrier()  # every process has written its files (RNG state, FSDP shards)
         if self.args.should_save:
             final = run_dir / name
             if final.exists():
@@ -139,7 +143,9 @@ def training_arguments(train, run_dir: Path, use_cuda: bool, bf16: bool) -> Trai
         ddp_backend=("nccl" if use_cuda else "gloo") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         seed=train.seed,
         data_seed=train.seed,
-        **{CHECKPOINTING_ARG: train.gradient_checkpointing},
+        # non-reentrant checkpointing: gradients reach LoRA weights inside checkpointed layers even though the
+        # frozen embeddings' outputs need no gradient (tests/test_memory_bounded.py checks equal gradients)
+        **{CHECKPOINTING_ARG: train.gradient_checkpointing, f"{CHECKPOINTING_ARG}_kwargs": {"use_reentrant": False}},
         dataloader_num_workers=0,
     )
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import torch
+from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 
 from dgemma_ft.finetune.data import prompt_ids
 from dgemma_ft.inference.constraints import pinned_tokens, special_token_ids, violation_checker
@@ -40,6 +42,7 @@ class SettingResult:
     tokens_per_forward: float
     givens_kept: float | None
     records: list[dict] = field(default_factory=list)
+    batch_size: int = 0  # the batch the sampler ran (after any out-of-memory back-off)
 
     def summary(self) -> dict:
         return {"model": self.setting.model, "steps": self.setting.steps, "pin": self.setting.pin,
@@ -51,7 +54,7 @@ class SettingResult:
                 "tokens_per_forward": round(self.tokens_per_forward, 3),
                 "tokens_per_second": round(self.tokens_per_forward * self.mean_forwards * self.examples
                                            / max(self.seconds, 1e-9), 1),
-                "givens_kept_rate": self.givens_kept}
+                "givens_kept_rate": self.givens_kept, "batch_size": self.batch_size}
 
 
 def make_requests(task, examples: list[dict], tokenizer, seed: int) -> list[Request]:
@@ -73,9 +76,36 @@ def _givens_kept(task, example: dict, output: str) -> bool | None:
     return all(offset < len(output) and output[offset] == char for offset, char in pinned.items())
 
 
-def evaluate_setting(model, tokenizer, task, examples: list[dict], setting: Setting, batch_size: int, seed: int,
+AUTO_BATCH_START = {"cuda": 256, "cpu": 64}  # `batch_size: auto` starts here and halves on out-of-memory
+
+
+def first_batch_size(batch_size: int | str, device: torch.device, count: int) -> int:
+    if batch_size != "auto":
+        return int(batch_size)
+    return max(1, min(count, AUTO_BATCH_START.get(device.type, AUTO_BATCH_START["cpu"])))
+
+
+def generate_batch(sampler, chunk, auto: bool, **options):
+    """`sampler.generate(chunk)`; with `auto`, out-of-memory (as accelerate recognises it) halves the batch and
+    retries, returning (generations, how many requests were answered). Answers do not depend on the batch: every
+    example draws from its own generator."""
+    while True:
+        try:
+            return sampler.generate(chunk, **options), len(chunk)
+        except Exception as exc:
+            if not auto or len(chunk) == 1 or not should_reduce_batch_size(exc):
+                raise
+            del exc
+            clear_device_cache(garbage_collection=True)
+            chunk = chunk[:len(chunk) // 2]
+            if options.get("trace_index") is not None and options["trace_index"] >= len(chunk):
+                options["trace_index"] = None
+
+
+def evaluate_setting(model, tokenizer, task, examples: list[dict], setting: Setting, batch_size: int | str, seed: int,
                      max_new_tokens: int, progress=None, trace_index: int | None = None) -> SettingResult:
-    """Run one setting over `examples`; `progress(done, correct)` is called after every judged batch."""
+    """Run one setting over `examples`; `progress(done, correct)` is called after every judged batch.
+    `batch_size: "auto"` finds the largest batch that fits (see `generate_batch`)."""
     from dgemma_ft.inference.sampling import BlockDiffusionSampler
 
     config = SamplerConfig.from_model(model, max_denoising_steps=setting.steps, max_new_tokens=max_new_tokens)
@@ -87,12 +117,16 @@ def evaluate_setting(model, tokenizer, task, examples: list[dict], setting: Sett
     score = 0.0
     kept: list[bool] = []
     seconds = 0.0
-    for begin in range(0, len(requests), batch_size):
-        chunk = requests[begin:begin + batch_size]
+    auto = batch_size == "auto"
+    size = first_batch_size(batch_size, sampler.device, len(requests))
+    begin = 0
+    while begin < len(requests):
+        chunk = requests[begin:begin + size]
         local_trace = trace_index - begin if trace_index is not None and begin <= trace_index < begin + len(chunk) \
             else None
         started = time.perf_counter()
-        batch = sampler.generate(chunk, pin=setting.pin, renoise=setting.renoise, trace_index=local_trace)
+        batch, size = generate_batch(sampler, chunk, auto, pin=setting.pin, renoise=setting.renoise,
+                                     trace_index=local_trace)
         elapsed = time.perf_counter() - started
         seconds += elapsed
         for offset, generation in enumerate(batch):
@@ -114,6 +148,7 @@ def evaluate_setting(model, tokenizer, task, examples: list[dict], setting: Sett
                                       "seconds": round(elapsed / len(batch), 5)},
                             "trace": generation.trace})
         generations.extend(batch)
+        begin += len(batch)
         if progress is not None:
             progress(len(generations), correct)
     count = max(len(examples), 1)
@@ -123,7 +158,7 @@ def evaluate_setting(model, tokenizer, task, examples: list[dict], setting: Sett
                          mean_score=score / count, seconds=seconds,
                          mean_steps=sum(g.steps for g in generations) / count, mean_forwards=forwards / count,
                          tokens_per_forward=tokens / max(forwards, 1),
-                         givens_kept=(sum(kept) / len(kept)) if kept else None, records=records)
+                         givens_kept=(sum(kept) / len(kept)) if kept else None, records=records, batch_size=size)
 
 
 def _safe_validate(task, example, output):

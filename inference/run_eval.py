@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dgemma_ft.errors import UserError
-from dgemma_ft.finetune.model_loading import is_run_folder
+from dgemma_ft.finetune.model_loading import free_memory, is_run_folder
 from dgemma_ft.finetune.recipe import Recipe, load_recipe
 from dgemma_ft.inference.evaluate import Setting, evaluate_setting
 from dgemma_ft.inference.report import write_report
@@ -43,24 +43,32 @@ def _loader(section, merge_adapter: bool = False, adapter: str | None = None):
     return load
 
 
-def resolve_target(target: str | Path, adapter: str | None = None) -> EvalTarget:
-    """What `eval TARGET [--adapter PATH]` means."""
+def _load_recipe_on(path: Path, device: str | None) -> Recipe:
+    """The recipe at `path`, with its model placed on `device` when one is given (`--device`)."""
+    recipe = load_recipe(path)
+    if device is not None:
+        recipe.model.device = device
+    return recipe
+
+
+def resolve_target(target: str | Path, adapter: str | None = None, device: str | None = None) -> EvalTarget:
+    """What `eval TARGET [--adapter PATH] [--device D]` means."""
     path = Path(target)
     if adapter is not None and not (Path(adapter) / "adapter_config.json").exists():
         raise UserError(f"--adapter {adapter}: no adapter_config.json there; point it at a PEFT adapter folder "
                         f"(e.g. RUN/adapter)")
     if path.suffix in (".yaml", ".yml"):
-        recipe = load_recipe(path)
+        recipe = _load_recipe_on(path, device)
         run_dir = Path(recipe.train.output_dir)
         if adapter is None and is_run_folder(run_dir):
-            return resolve_target(run_dir)
+            return resolve_target(run_dir, device=device)
         base_section = recipe.model
         return EvalTarget(recipe, label=str(adapter or recipe.model.name), out_dir=run_dir / "eval",
                           load=_loader(base_section, adapter=adapter),
                           load_base=_loader(base_section) if adapter else None, training_log=None,
                           kind="adapter" if adapter else "base")
     if is_run_folder(path):
-        recipe = load_recipe(path / "recipe.yaml")
+        recipe = _load_recipe_on(path / "recipe.yaml", device)
         run_section = recipe.model.model_copy(update={"name": str(path)})
         base = recipe.model if recipe.finetune == "lora" else None
         if adapter is not None:
@@ -72,7 +80,7 @@ def resolve_target(target: str | Path, adapter: str | None = None) -> EvalTarget
                           training_log=path / "logs" / "train_log.jsonl",
                           kind="adapter" if recipe.finetune == "lora" else "trained")
     if (path / "config.json").is_file() and (path / MERGED_RECIPE).is_file():
-        recipe = load_recipe(path / MERGED_RECIPE)
+        recipe = _load_recipe_on(path / MERGED_RECIPE, device)
         section = recipe.model.model_copy(update={"name": str(path), "tiny": recipe.model.tiny})
         return EvalTarget(recipe, label=str(path), out_dir=path / "eval", load=_loader(section),
                           load_base=None, training_log=None, kind="merged")
@@ -86,9 +94,9 @@ def run_evaluation(target: str | Path, adapter: str | None = None, include_base:
                    data: str | None = None, limit: int | None = None, steps: list[int] | None = None,
                    pin: bool | None = None, renoise: bool | None = None, batch_size: int | None = None,
                    out_dir: str | Path | None = None, seed: int | None = None, console=None,
-                   compare: bool = False) -> dict:
+                   compare: bool = False, device: str | None = None) -> dict:
     """Evaluate and write the reports; returns the report dict."""
-    resolved = resolve_target(target, adapter)
+    resolved = resolve_target(target, adapter, device)
     recipe = resolved.recipe
     task = get_task(recipe.task.name, recipe.task.options)
     if data is not None:
@@ -130,6 +138,7 @@ def run_evaluation(target: str | Path, adapter: str | None = None, include_base:
                     results.append(_run_with_progress(model, tokenizer, task, examples, setting, batch, seed,
                                                       max_new, console))
         del model
+        free_memory()  # before the next model (e.g. the base for comparison) loads
     report_header = {"target": resolved.label, "task": recipe.task.name, "data": spec.source,
                      "examples": len(examples), "seed": seed,
                      "training": _training_summary(resolved)}
@@ -186,7 +195,8 @@ def _training_summary(resolved: EvalTarget) -> dict | None:
 
 def generate_one(target: str | Path, prompt: str | None = None, example: int | None = None,
                  steps: int | None = None, pin: bool = True, renoise: bool = False, seed: int = 0,
-                 trace: str | None = None, data: str | None = None, adapter: str | None = None) -> dict:
+                 trace: str | None = None, data: str | None = None, adapter: str | None = None,
+                 device: str | None = None) -> dict:
     """Answer one prompt (free text, or example N of the eval data with its verdict); optionally save a trace."""
     from dgemma_ft.inference.constraints import special_token_ids
     from dgemma_ft.inference.evaluate import make_requests
@@ -194,7 +204,7 @@ def generate_one(target: str | Path, prompt: str | None = None, example: int | N
 
     if (prompt is None) == (example is None):
         raise UserError("generate: give exactly one of --prompt TEXT or --example N")
-    resolved = resolve_target(target, adapter)
+    resolved = resolve_target(target, adapter, device)
     recipe = resolved.recipe
     task = get_task(recipe.task.name, recipe.task.options)
     model, tokenizer = resolved.load()

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dgemma_ft.finetune.objective import PrefixKV, _additive, softcapped_logits, unwrap_model
+from dgemma_ft.plumbing import (PrefixKV, chunk_rows, decoder_masks, encoder_masks, run_decoder, run_encoder,
+                                soft_embedding_rows, softcapped_logits, unwrap_model)
 
 
 @dataclass
@@ -73,6 +74,16 @@ class Request:
 
 
 @dataclass
+class ScoredStep:
+    """What one denoising step yields per position (rows, canvas)."""
+
+    sampled: torch.Tensor  # drawn token
+    argmax: torch.Tensor  # most likely token
+    entropy: torch.Tensor  # of the step's distribution
+    signal: torch.Tensor  # (rows, canvas, hidden) self-conditioning input of the next step
+
+
+@dataclass
 class Generation:
     token_ids: list[int]  # the answer, up to and including the first end-of-sequence token
     steps: int = 0  # denoising steps over all blocks
@@ -88,9 +99,11 @@ class Generation:
 
 class BlockDiffusionSampler:
     def __init__(self, model, config: SamplerConfig, eos_token_ids: list[int] | None = None,
-                 special_token_ids: list[int] | None = None):
+                 special_token_ids: list[int] | None = None, chunk_elements: int | None = None):
         """`special_token_ids` (e.g. `tokenizer.all_special_ids`) are kept out of the stretch of an answer that
-        leads up to its last pinned token, so decoding the answer keeps every pinned character in place."""
+        leads up to its last pinned token, so decoding the answer keeps every pinned character in place.
+        `chunk_elements` bounds the float32 logits alive per step (default `plumbing.LOGIT_CHUNK_ELEMENTS`)."""
+        self.chunk_elements = chunk_elements
         self.model = model
         self.base = unwrap_model(model)
         self.config = config
@@ -116,32 +129,9 @@ class BlockDiffusionSampler:
     def _encode(self, prefix: PrefixKV, key_pos: torch.Tensor, key_ok: torch.Tensor, tokens: torch.Tensor,
                 positions: torch.Tensor, valid: torch.Tensor) -> None:
         """Append `tokens` (B, n) at `positions` to the encoder prefix, causally, masking invalid keys."""
-        all_pos = torch.cat([key_pos, positions], dim=1)
-        all_ok = torch.cat([key_ok, valid], dim=1)
-        query = positions[:, :, None]
-        keys = all_pos[:, None, :]
-        causal = all_ok[:, None, :] & (keys <= query)
-        # padding queries still need one visible key to avoid empty softmax rows
-        causal |= ~valid[:, :, None] & (torch.arange(all_pos.shape[1], device=tokens.device)[None, None, :] ==
-                                        (key_pos.shape[1] + torch.arange(tokens.shape[1], device=tokens.device))[
-                                            None, :, None])
-        sliding = causal & ((query - keys < self.window) | ~valid[:, :, None])
-        masks = {"full_attention": _additive(causal, self.dtype)[:, None],
-                 "sliding_attention": _additive(sliding, self.dtype)[:, None]}
-        self.base.model.encoder(input_ids=tokens, attention_mask=masks, past_key_values=prefix,
-                                position_ids=positions.clamp(min=0), use_cache=True)
-
-    def _decoder_masks(self, key_pos: torch.Tensor, key_ok: torch.Tensor, starts: torch.Tensor):
-        start = starts[:, None, None]
-        keys = key_pos[:, None, :]
-        ok = key_ok[:, None, :]
-        full = ok & (keys < start)
-        sliding = full & (keys >= start - (self.window - 1))
-        canvas = torch.ones(key_pos.shape[0], 1, self.canvas, dtype=torch.bool, device=key_pos.device)
-        full = torch.cat([full, canvas], dim=-1).expand(-1, self.canvas, -1)
-        sliding = torch.cat([sliding, canvas], dim=-1).expand(-1, self.canvas, -1)
-        return {"full_attention": _additive(full, self.dtype)[:, None],
-                "sliding_attention": _additive(sliding, self.dtype)[:, None]}
+        masks = encoder_masks(positions, valid, torch.cat([key_pos, positions], dim=1),
+                              torch.cat([key_ok, valid], dim=1), self.window, self.dtype)
+        run_encoder(self.base, tokens, prefix, masks, positions.clamp(min=0))
 
     # ----------------------------------------------------------------------------------------------- main
     @torch.no_grad()
@@ -153,7 +143,7 @@ class BlockDiffusionSampler:
         results = [Generation(token_ids=[]) for _ in requests]
         if trace_index is not None:
             results[trace_index].trace = []
-        generators = [torch.Generator().manual_seed(int(r.seed)) for r in requests]
+        generators = [torch.Generator(device="cpu").manual_seed(int(r.seed)) for r in requests]
         lengths = torch.tensor([len(r.prompt_ids) for r in requests], device=device)
         width = int(lengths.max())
         pad = width - lengths
@@ -205,8 +195,7 @@ class BlockDiffusionSampler:
         rows = active.shape[0]
         size = self.canvas
         offset = block * size
-        canvas = torch.stack([torch.randint(self.vocab, (size,), generator=generators[i]) for i in active.tolist()])
-        canvas = canvas.to(device)
+        canvas = self._draw(generators, active.tolist(), lambda g: torch.randint(self.vocab, (size,), generator=g, device="cpu"))
         pin_mask = torch.zeros(rows, size, dtype=torch.bool, device=device)
         pin_tokens = torch.zeros(rows, size, dtype=torch.long, device=device)
         no_end = torch.zeros(rows, size, dtype=torch.bool, device=device)  # the answer cannot end here
@@ -224,9 +213,9 @@ class BlockDiffusionSampler:
         argmax = canvas.clone()
         history = torch.full((max(c.stability_threshold, 1), rows, size), -1, dtype=torch.long, device=device)
         finished = torch.zeros(rows, dtype=torch.bool, device=device)
-        sc_logits = None
+        signal = None  # self-conditioning: soft embeddings (rows, canvas, hidden) of the last step's logits
         budget = torch.full((rows,), c.renoise_budget if renoise else 0, device=device)
-        masks = self._decoder_masks(key_pos, key_ok, starts)
+        masks = decoder_masks(key_pos, key_ok, starts[:, None], size, self.window, self.dtype)
         positions = starts[:, None] + torch.arange(size, device=device)
         live_rows = None
         for step in reversed(range(1, c.max_denoising_steps + 1)):
@@ -237,29 +226,14 @@ class BlockDiffusionSampler:
                 live_rows = live
                 live_prefix = prefix if live.numel() == rows else prefix.select(live)
                 live_masks = {k: v[live] for k, v in masks.items()}
-            hidden = self.base.model.decoder(
-                decoder_input_ids=canvas[live], past_key_values=live_prefix,
-                self_conditioning_logits=None if sc_logits is None else sc_logits[live],
-                decoder_attention_mask=live_masks, decoder_position_ids=positions[live]).last_hidden_state
-            logits = softcapped_logits(self.base, hidden) / self._temperature(step)
+            hidden = run_decoder(self.base, canvas[live], live_prefix, live_masks, positions[live],
+                                 None if signal is None else signal[live])
             live_pins = pin_mask[live]
-            live_no_end = no_end[live]
-            if live_no_end.any() and eos.numel():
-                blocked = torch.zeros_like(logits, dtype=torch.bool)
-                blocked[..., eos] = True
-                logits = logits.masked_fill(blocked & live_no_end[..., None], torch.finfo(logits.dtype).min)
-            if live_pins.any():
-                forced = torch.full_like(logits, torch.finfo(logits.dtype).min)
-                forced.scatter_(-1, pin_tokens[live][..., None], 0.0)
-                logits = torch.where(live_pins[..., None], forced, logits)
-            log_probs = torch.log_softmax(logits, dim=-1)
-            probs = log_probs.exp()
-            entropy = -(probs * log_probs).sum(-1)
-            cumulative = probs.cumsum(-1)
-            uniforms = torch.stack([torch.rand(size, generator=generators[int(active[r])]) for r in live.tolist()])
-            sampled = torch.searchsorted(cumulative, uniforms.to(device)[..., None]).squeeze(-1).clamp(
-                max=self.vocab - 1)
-            new_argmax = logits.argmax(-1)
+            live_ids = [int(active[r]) for r in live.tolist()]
+            uniforms = self._draw(generators, live_ids, lambda g: torch.rand(size, generator=g, device="cpu"))
+            scored = self._score(hidden, self._temperature(step), live_pins, pin_tokens[live], no_end[live], eos,
+                                 uniforms)
+            sampled, new_argmax, entropy = scored.sampled, scored.argmax, scored.entropy
             sorted_entropy, order = entropy.sort(dim=-1)
             chosen = (sorted_entropy.cumsum(-1) - sorted_entropy) <= c.entropy_bound
             accept = torch.zeros_like(chosen).scatter(-1, order, chosen) | live_pins
@@ -277,8 +251,7 @@ class BlockDiffusionSampler:
                         budget[row] -= 1
                 flagged &= ~live_pins
                 accept &= ~flagged
-            noise = torch.stack([torch.randint(self.vocab, (size,), generator=generators[int(active[r])])
-                                 for r in live.tolist()]).to(device)
+            noise = self._draw(generators, live_ids, lambda g: torch.randint(self.vocab, (size,), generator=g, device="cpu"))
             accepted = torch.where(accept, sampled, canvas[live])
             new_canvas = torch.where(accept, accepted, noise)
             stable = (history[:, live] == new_argmax[None]).all(-1).all(0) if c.stability_threshold else \
@@ -289,9 +262,9 @@ class BlockDiffusionSampler:
             done = stable & confident & ~flagged.any(-1)
             canvas[live] = new_canvas
             argmax[live] = new_argmax
-            if sc_logits is None:
-                sc_logits = torch.zeros(rows, size, logits.shape[-1], dtype=self.dtype, device=device)
-            sc_logits[live] = logits.to(self.dtype)
+            if signal is None:
+                signal = scored.signal.new_zeros(rows, *scored.signal.shape[1:])
+            signal[live] = scored.signal
             finished[live] |= done
             for k, row in enumerate(live.tolist()):
                 result = results[int(active[row])]
@@ -304,3 +277,48 @@ class BlockDiffusionSampler:
                                          "accepted": accept[k].tolist(), "renoised": flagged[k].tolist(),
                                          "pinned": live_pins[k].tolist()})
         return argmax
+
+    def _draw(self, generators, indices: list[int], draw) -> torch.Tensor:
+        """One draw per example from its own CPU generator (so answers do not depend on the device or the batch),
+        stacked and moved to the model's device."""
+        return torch.stack([draw(generators[i]) for i in indices]).to(self.device)
+
+    def _score(self, hidden, temperature: float, pins, pin_tokens, no_end, blocked_ids, uniforms) -> ScoredStep:
+        """Sample, argmax, entropy and the next self-conditioning signal for every canvas position, a bounded
+        chunk of positions at a time: no (rows x canvas x vocabulary) tensor is built. Per position this is the
+        model's own step: temperature-scaled soft-capped logits, pinned positions forced to their token,
+        special tokens blocked where the answer cannot end, inverse-CDF sampling with the example's uniforms."""
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        count = flat.shape[0]
+        pins, pin_tokens, no_end = pins.reshape(-1), pin_tokens.reshape(-1), no_end.reshape(-1)
+        uniforms = uniforms.reshape(-1)
+        sampled = torch.empty(count, dtype=torch.long, device=flat.device)
+        argmax = torch.empty_like(sampled)
+        entropy = torch.empty(count, dtype=torch.float32, device=flat.device)
+        signal = None
+        step = chunk_rows(self.vocab, self.chunk_elements)
+        for begin in range(0, count, step):
+            part = slice(begin, min(begin + step, count))
+            logits = softcapped_logits(self.base, flat[part]) / temperature
+            if blocked_ids.numel() and no_end[part].any():
+                blocked = torch.zeros_like(logits, dtype=torch.bool)
+                blocked[:, blocked_ids] = True
+                logits = logits.masked_fill(blocked & no_end[part, None], torch.finfo(logits.dtype).min)
+            if pins[part].any():
+                forced = torch.full_like(logits, torch.finfo(logits.dtype).min)
+                forced.scatter_(-1, pin_tokens[part, None], 0.0)
+                logits = torch.where(pins[part, None], forced, logits)
+            log_probs = torch.log_softmax(logits, dim=-1)
+            probs = log_probs.exp()
+            entropy[part] = -(probs * log_probs).sum(-1)
+            cumulative = probs.cumsum(-1)
+            sampled[part] = torch.searchsorted(cumulative, uniforms[part, None]).squeeze(-1).clamp(max=self.vocab - 1)
+            argmax[part] = logits.argmax(-1)
+            piece = soft_embedding_rows(self.base, logits)
+            if signal is None:
+                signal = piece.new_empty(count, piece.shape[-1])
+            signal[part] = piece
+            del logits, log_probs, probs, cumulative
+        shape = hidden.shape[:-1]
+        return ScoredStep(sampled=sampled.view(shape), argmax=argmax.view(shape), entropy=entropy.view(shape),
+                          signal=signal.view(*shape, -1))

@@ -7,7 +7,8 @@ import torch
 from transformers import DynamicCache
 
 from dgemma_ft.finetune.data import BlockCollator, as_block_batch, encode_example
-from dgemma_ft.finetune.objective import ObjectiveConfig, block_diffusion_loss, corrupt, unwrap_model
+from dgemma_ft.finetune.objective import ObjectiveConfig, block_diffusion_loss, corrupt
+from dgemma_ft.plumbing import unwrap_model
 from dgemma_ft.finetune.tiny import TinySpec, build_tiny_model
 
 CANVAS = 8
@@ -46,7 +47,7 @@ def test_training_logits_match_inference_path(tiny, selection):
     config = ObjectiveConfig(self_conditioning_p=0.0, ar_weight=0.0, block_selection=selection)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        out = block_diffusion_loss(model, batch, config, generator=generator)
+        out = block_diffusion_loss(model, batch, config, generator=generator, return_logits=True)
     checked = 0
     for row in range(batch.input_ids.shape[0]):
         for k in range(out.block_index.shape[1]):
@@ -68,7 +69,7 @@ def test_decoder_reads_the_corrupted_canvas_not_the_clean_response(tiny):
     config = ObjectiveConfig(self_conditioning_p=0.0, ar_weight=0.0, block_selection="all")
     with torch.no_grad():
         out = block_diffusion_loss(model, batch, config, generator=torch.Generator().manual_seed(1),
-                                   t_override=1.0)
+                                   t_override=1.0, return_logits=True)
     # t = 1: the canvas is pure noise, so it differs from the clean response almost everywhere ...
     assert (out.noisy_canvas != out.clean_canvas).float().mean() > 0.8
     # ... and the logits are those of that noisy canvas: the inference path on the noisy canvas reproduces them,
@@ -88,12 +89,14 @@ def test_no_block_sees_its_own_or_later_clean_tokens(tiny):
     batch = _batch(tokenizer, ["abcdefghijklmnopqrstuvw"])
     config = ObjectiveConfig(self_conditioning_p=0.0, ar_weight=0.0, block_selection="all")
     with torch.no_grad():
-        base = block_diffusion_loss(model, batch, config, generator=torch.Generator().manual_seed(2))
+        base = block_diffusion_loss(model, batch, config, generator=torch.Generator().manual_seed(2),
+                                    return_logits=True)
         changed = as_block_batch({"input_ids": batch.input_ids.clone(), "prompt_lengths": batch.prompt_lengths,
                                   "response_lengths": batch.response_lengths, "num_blocks": batch.num_blocks})
         start_last = int(batch.prompt_lengths[0]) + CANVAS * (int(batch.num_blocks[0]) - 1)
         changed.input_ids[0, start_last:] = tokenizer.convert_tokens_to_ids("z")
-        again = block_diffusion_loss(model, changed, config, generator=torch.Generator().manual_seed(2))
+        again = block_diffusion_loss(model, changed, config, generator=torch.Generator().manual_seed(2),
+                                     return_logits=True)
     last = int(batch.num_blocks[0]) - 1
     # same noise draw: the last block's canvas differs only where it was kept clean; compare earlier blocks
     torch.testing.assert_close(base.canvas_logits[0, :last], again.canvas_logits[0, :last], atol=1e-6, rtol=0)

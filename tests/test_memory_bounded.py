@@ -1,0 +1,207 @@
+"""Real-scale memory without changed results: chunked vocabulary work in the sampler and the objective gives the
+same answers, losses and gradients; gradient checkpointing gives the same gradients; every tensor the sampler and
+the objective build lands on the model's device."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dgemma_ft import plumbing
+from dgemma_ft.finetune.data import BlockCollator, as_block_batch, encode_example
+from dgemma_ft.finetune.lora import attach_lora
+from dgemma_ft.finetune.objective import ObjectiveConfig, block_diffusion_loss
+from dgemma_ft.finetune.tiny import TinySpec, build_tiny_model
+from dgemma_ft.inference import sampling
+from dgemma_ft.inference.constraints import special_token_ids
+from dgemma_ft.inference.sampling import BlockDiffusionSampler, Request, SamplerConfig
+
+GOLDEN = Path(__file__).parent / "data" / "sampler_golden.json"
+SMALL = dict(hidden_size=32, intermediate_size=48, head_dim=8, global_head_dim=8, moe_intermediate_size=16,
+             canvas_length=8, sliding_window=6, seed=4)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tokenizer = build_tiny_model(TinySpec(**SMALL))
+    return model.eval(), tokenizer
+
+
+def _batch(tokenizer, responses, canvas=8):
+    rows = [encode_example(tokenizer, [{"role": "user", "content": f"question {i}?"},
+                                       {"role": "assistant", "content": text}], canvas)
+            for i, text in enumerate(responses)]
+    return as_block_batch(BlockCollator(tokenizer.pad_token_id)(rows))
+
+
+def _requests(tokenizer):
+    prompts = ["1200\n0034\n0000\n4000", "hello there", "x", "0000\n1111"]
+    requests = []
+    for i, text in enumerate(prompts):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            tokenize=True)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        requests.append(Request(prompt_ids=ids, seed=i, pinned={1: 20, 5: 21} if i % 2 == 0 else {},
+                                violations=(lambda draft: [0, 3]) if i == 0 else None))
+    return requests
+
+
+# ------------------------------------------------------------------------------------------------------ sampler
+def test_sampler_answers_equal_the_pre_rewrite_sampler():
+    """tests/data/sampler_golden.json holds the answers of the sampler as it was before the memory-bounded
+    rewrite (commit 6838555: full-vocabulary logits and a (batch, canvas, vocab) self-conditioning buffer), for
+    six 4x4 puzzles at 1, 4 and 16 steps with pinning off and on, on a seeded tiny model."""
+    golden = json.loads(GOLDEN.read_text())
+    model, tokenizer = build_tiny_model(TinySpec(**golden["spec"]))
+    model.eval()
+    for setting in golden["results"]:
+        requests = [Request(prompt_ids=r["prompt_ids"], seed=r["seed"],
+                            pinned={int(k): v for k, v in r["pinned"].items()}) for r in golden["requests"]]
+        config = SamplerConfig(max_denoising_steps=setting["steps"], max_new_tokens=24)
+        sampler = BlockDiffusionSampler(model, config, special_token_ids=special_token_ids(tokenizer))
+        answers = sampler.generate(requests, pin=setting["pin"])
+        assert [a.token_ids for a in answers] == setting["token_ids"], setting["steps"]
+        assert [a.forwards for a in answers] == setting["forwards"]
+
+
+@pytest.mark.parametrize("renoise", [False, True])
+def test_sampler_answers_do_not_depend_on_the_chunk_size(tiny, renoise):
+    model, tokenizer = tiny
+    vocab = model.config.text_config.vocab_size
+    config = SamplerConfig(max_denoising_steps=6, max_new_tokens=16)
+    whole = BlockDiffusionSampler(model, config, special_token_ids=[0, 1, 2, 3, 4, 5]).generate(
+        _requests(tokenizer), renoise=renoise)
+    for rows in (1, 3, 7):
+        chunked = BlockDiffusionSampler(model, config, special_token_ids=[0, 1, 2, 3, 4, 5],
+                                        chunk_elements=rows * vocab).generate(_requests(tokenizer), renoise=renoise)
+        assert [a.token_ids for a in chunked] == [a.token_ids for a in whole]
+        assert [a.forwards for a in chunked] == [a.forwards for a in whole]
+
+
+def test_sampler_never_builds_logits_for_more_positions_than_a_chunk(tiny, monkeypatch):
+    model, tokenizer = tiny
+    vocab = model.config.text_config.vocab_size
+    seen = []
+    original = sampling.softcapped_logits
+
+    def spy(base, hidden):
+        seen.append(hidden.reshape(-1, hidden.shape[-1]).shape[0])
+        return original(base, hidden)
+
+    monkeypatch.setattr(sampling, "softcapped_logits", spy)
+    config = SamplerConfig(max_denoising_steps=3, max_new_tokens=16)
+    BlockDiffusionSampler(model, config, chunk_elements=5 * vocab).generate(_requests(tokenizer))
+    assert seen and max(seen) == 5  # 4 examples x 8 positions, 5 positions at a time
+
+
+# ------------------------------------------------------------------------------------------------ cross-entropy
+def test_chunked_cross_entropy_equals_the_plain_one(tiny):
+    model, _ = tiny
+    base = plumbing.unwrap_model(model)
+    hidden = torch.randn(37, model.config.text_config.hidden_size, requires_grad=True)
+    targets = torch.randint(0, model.config.text_config.vocab_size, (37,))
+    plain = torch.nn.functional.cross_entropy(plumbing.softcapped_logits(base, hidden), targets)
+    plain_grads = torch.autograd.grad(plain, [hidden, base.lm_head.weight])
+    for rows in (1, 5, 16):
+        chunked = plumbing.chunked_cross_entropy(base, hidden, targets,
+                                                 chunk_elements=rows * model.config.text_config.vocab_size)
+        grads = torch.autograd.grad(chunked, [hidden, base.lm_head.weight])
+        torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=0)
+        for got, expected in zip(grads, plain_grads):
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def _loss_and_grads(model, batch, config, seed=0):
+    model.zero_grad(set_to_none=True)
+    out = block_diffusion_loss(model, batch, config, generator=torch.Generator().manual_seed(seed))
+    out.loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out.loss.detach(), grads
+
+
+def test_objective_loss_and_gradients_do_not_depend_on_the_chunk_size(tiny, monkeypatch):
+    model, tokenizer = tiny
+    model.train()
+    batch = _batch(tokenizer, ["abcdefghijklmnopq", "xyz"])
+    config = ObjectiveConfig(self_conditioning_p=1.0, ar_weight=1.0, block_selection="all", canvas_samples=2)
+    loss, grads = _loss_and_grads(model, batch, config)
+    monkeypatch.setattr(plumbing, "LOGIT_CHUNK_ELEMENTS", 3 * model.config.text_config.vocab_size)
+    chunked_loss, chunked_grads = _loss_and_grads(model, batch, config)
+    model.eval()
+    torch.testing.assert_close(chunked_loss, loss, atol=1e-5, rtol=0)
+    assert grads.keys() == chunked_grads.keys() and len(grads) > 10
+    for name in grads:
+        torch.testing.assert_close(chunked_grads[name], grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("finetune", ["full", "lora"])
+def test_gradient_checkpointing_gives_the_same_gradients(finetune):
+    model, tokenizer = build_tiny_model(TinySpec(**SMALL))
+    if finetune == "lora":
+        model = attach_lora(model, r=4, alpha=8, dropout=0.0)
+    model.train()
+    batch = _batch(tokenizer, ["abcdefghijklmnopq", "xyz"])
+    config = ObjectiveConfig(self_conditioning_p=1.0, ar_weight=1.0, block_selection="all")
+    loss, grads = _loss_and_grads(model, batch, config)
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base = plumbing.unwrap_model(model)
+    assert base.model.decoder.layers[0].gradient_checkpointing
+    checkpointed_loss, checkpointed_grads = _loss_and_grads(model, batch, config)
+    torch.testing.assert_close(checkpointed_loss, loss, atol=1e-6, rtol=0)
+    assert grads.keys() == checkpointed_grads.keys() and grads
+    decoder_lora = [n for n in grads if "lora_B" in n] if finetune == "lora" else [n for n in grads if "q_proj" in n]
+    assert decoder_lora and all(grads[n].abs().sum() > 0 for n in decoder_lora)
+    for name in grads:
+        torch.testing.assert_close(checkpointed_grads[name], grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_temperature_scaled_self_conditioning_changes_only_the_signal(tiny):
+    model, tokenizer = tiny
+    batch = _batch(tokenizer, ["abcdefghijklmnopq"])
+    raw = ObjectiveConfig(self_conditioning_p=1.0, ar_weight=0.0)
+    scaled = ObjectiveConfig(self_conditioning_p=1.0, ar_weight=0.0, self_conditioning_temperature=(0.4, 0.8))
+    with torch.no_grad():
+        a = block_diffusion_loss(model, batch, raw, generator=torch.Generator().manual_seed(3))
+        b = block_diffusion_loss(model, batch, scaled, generator=torch.Generator().manual_seed(3))
+        off = block_diffusion_loss(model, batch, ObjectiveConfig(self_conditioning_p=0.0, ar_weight=0.0),
+                                   generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a.noisy_canvas, b.noisy_canvas)
+    assert float(a.loss) != float(b.loss) and float(a.loss) != float(off.loss)
+
+
+# ------------------------------------------------------------------------------------------------------ devices
+@pytest.fixture
+def default_device_meta():
+    """Any tensor built without naming a device lands on `meta` and then fails to mix with the model's CPU
+    tensors: the code under test must build every tensor on the model's device (or, for its seeded CPU
+    generators, explicitly on the CPU, moved to the model's device)."""
+    torch.set_default_device("meta")
+    try:
+        yield
+    finally:
+        torch.set_default_device(None)
+
+
+def test_sampler_builds_every_tensor_on_the_models_device(tiny, default_device_meta):
+    model, tokenizer = tiny
+    config = SamplerConfig(max_denoising_steps=3, max_new_tokens=16)
+    answers = BlockDiffusionSampler(model, config, special_token_ids=[0, 1]).generate(_requests(tokenizer),
+                                                                                       renoise=True)
+    assert all(answer.token_ids for answer in answers)
+
+
+def test_objective_builds_every_tensor_on_the_models_device(tiny, default_device_meta):
+    model, tokenizer = tiny
+    with torch.device("cpu"):
+        batch = _batch(tokenizer, ["abcdefghijklmnopq", "xyz"])
+    config = ObjectiveConfig(self_conditioning_p=1.0, ar_weight=1.0, canvas_samples=2,
+                             self_conditioning_temperature=(0.4, 0.8))
+    out = block_diffusion_loss(model, batch, config)
+    out.loss.backward()
+    model.zero_grad(set_to_none=True)
+    assert out.loss.device.type == "cpu"
