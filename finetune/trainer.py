@@ -205,7 +205,7 @@ class JsonlLog(TrainerCallback):
 
         self.path = path
         self._json = json
-        if path.exists():
+        if path.exists() and int(os.environ.get("RANK", "0")) == 0:  # one process rewrites it, not all at once
             kept = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
             path.write_text("".join(line + "\n" for line in kept))

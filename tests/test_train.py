@@ -1,5 +1,5 @@
 """Training end to end on the tiny model: run folder contents, resume after a kill, the NaN guard, LoRA on a
-trained tiny base (one shared adapter, mergeable), and DDP with two CPU processes."""
+trained tiny base (one shared adapter, mergeable). Multi-process runs (DDP, FSDP) are in test_distributed.py."""
 
 import json
 import os
@@ -163,20 +163,3 @@ def test_lora_on_a_trained_tiny_base_is_one_shared_mergeable_adapter(tmp_path):
     outputs = [[json.loads(line)["output"] for line in (tmp_path / name / "predictions.jsonl").read_text()
                 .splitlines()] for name in ("eval-run", "eval-merged")]
     assert outputs[0] == outputs[1]
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="gloo DDP test runs on Linux")
-def test_ddp_two_cpu_processes(tmp_path):
-    run_dir = tmp_path / "ddp"
-    overrides = [*SMALL, "train.steps=2", f"train.output_dir={run_dir}"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
-               "-m", "dgemma_ft.cli", "train", str(ROOT / "recipes" / "sudoku-4x4-tiny.yaml"), "--no-eval",
-               *sum((["--set", o] for o in overrides), [])]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    state = json.loads((run_dir / "trainer_state.json").read_text())
-    assert state["global_step"] == 2
-    summary = json.loads((run_dir / "train_summary.json").read_text())
-    assert summary["examples_per_second"] > 0
-    assert (run_dir / "model" / "model.safetensors").exists()
