@@ -60,6 +60,40 @@ def check(recipe: Annotated[Path, typer.Argument(help="YAML recipe")], set_: Set
     console.print("[bold green]ok[/]: the recipe is valid")
 
 
+@app.command()
+def estimate(
+        recipe: Annotated[Path, typer.Argument(help="YAML recipe")],
+        set_: SetOption = None,
+        batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="training batch per device "
+                                                                             "(default: the recipe's)")] = None,
+        checkpointing: Annotated[Optional[bool], typer.Option("--checkpointing/--no-checkpointing",
+                                                              help="gradient checkpointing (default: the "
+                                                                   "recipe's)")] = None,
+        prompt_tokens: Annotated[Optional[int], typer.Option("--prompt-tokens", help="longest prompt, in tokens "
+                                                                                   "(default: measured on the "
+                                                                                   "task)")] = None,
+        response_tokens: Annotated[Optional[int], typer.Option("--response-tokens", help="longest response, in "
+                                                                                       "tokens")] = None,
+        as_json: Annotated[bool, typer.Option("--json", help="print the plan as JSON (bytes)")] = False):
+    """Plan the memory of RECIPE's training step and sampler, per GPU size, without downloading weights."""
+    # imported here, like the other commands' modules, to keep `dgemma-ft --help` fast
+    from dgemma_ft.finetune.estimate import estimate as plan_memory
+    from dgemma_ft.finetune.estimate import render
+    from dgemma_ft.finetune.recipe import load_recipe
+
+    for name, value in (("--batch-size", batch_size), ("--prompt-tokens", prompt_tokens),
+                        ("--response-tokens", response_tokens)):
+        if value is not None and value <= 0:
+            raise UserError(f"{name} must be a positive number")
+    plan = plan_memory(load_recipe(recipe, set_ or []), batch_size=batch_size, checkpointing=checkpointing,
+                       prompt_tokens=prompt_tokens, response_tokens=response_tokens)
+    if as_json:
+        typer.echo(plan.to_json())
+        return
+    for renderable in render(plan):
+        console.print(renderable)
+
+
 def _steps(value: str | None) -> list[int] | None:
     if value is None:
         return None
@@ -188,7 +222,7 @@ def push(
         console.print(f"[bold green]pushed[/] {len(result.files)} files: {result.url}", highlight=False)
 
 
-COMMANDS = {"train", "check", "eval", "generate", "merge", "push", "--help", "-h"}
+COMMANDS = {"train", "check", "estimate", "eval", "generate", "merge", "push", "--help", "-h"}
 
 
 def _quiet_library_progress() -> None:
