@@ -78,7 +78,7 @@ def estimate(
     """Plan the memory of RECIPE's training step and sampler, per GPU size, without downloading weights."""
     # imported here, like the other commands' modules, to keep `dgemma-ft --help` fast
     from dgemma_ft.finetune.estimate import estimate as plan_memory
-    from dgemma_ft.finetune.estimate import render
+    from dgemma_ft.finetune.estimate_report import render
     from dgemma_ft.finetune.recipe import load_recipe
 
     for name, value in (("--batch-size", batch_size), ("--prompt-tokens", prompt_tokens),

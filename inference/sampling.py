@@ -109,9 +109,8 @@ class BlockDiffusionSampler:
         self.config = config
         generation = getattr(self.base, "generation_config", None)
         eos = eos_token_ids if eos_token_ids is not None else getattr(generation, "eos_token_id", None)
-        self.eos_ids = torch.tensor(eos if isinstance(eos, list) else [eos] if eos is not None else [],
-                                    dtype=torch.long)
-        self.special_ids = sorted(set(special_token_ids or []) | set(self.eos_ids.tolist()))
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.special_ids = sorted(set(special_token_ids or []) | self.eos_ids)
         self.canvas = self.base.config.canvas_length
         self.vocab = self.base.config.text_config.vocab_size
         self.window = self.base.config.text_config.sliding_window
@@ -167,7 +166,7 @@ class BlockDiffusionSampler:
             for row, index in enumerate(active.tolist()):
                 tokens = canvas[row].tolist()
                 results[index].blocks += 1
-                hit = [k for k, tok in enumerate(tokens) if tok in set(self.eos_ids.tolist())]
+                hit = [k for k, tok in enumerate(tokens) if tok in self.eos_ids]
                 if hit:
                     results[index].token_ids.extend(tokens[:hit[0] + 1])
                 else:

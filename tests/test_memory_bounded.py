@@ -205,3 +205,32 @@ def test_objective_builds_every_tensor_on_the_models_device(tiny, default_device
     out.loss.backward()
     model.zero_grad(set_to_none=True)
     assert out.loss.device.type == "cpu"
+
+
+# ---------------------------------------------------------------------------------------------- auto batch size
+def test_auto_batch_size_backs_off_on_out_of_memory_without_changing_answers(tiny, monkeypatch):
+    from dgemma_ft.inference.evaluate import Setting, evaluate_setting
+    from dgemma_ft.tasks.base import SourceSpec, get_task
+
+    model, tokenizer = tiny
+    task = get_task("sudoku", {"prompt_style": "grid"})
+    examples = [dict(row) for row in task.build_dataset("eval", SourceSpec(source="generate", size=10, seed=5))]
+    setting = Setting(steps=2, pin=True, renoise=False)
+    fixed = evaluate_setting(model, tokenizer, task, examples, setting, batch_size=10, seed=0, max_new_tokens=16)
+    original = BlockDiffusionSampler.generate
+    tried = []
+
+    def limited(self, requests, **options):
+        tried.append(len(requests))
+        if len(requests) > 3:  # what the accelerator would say
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, requests, **options)
+
+    monkeypatch.setattr(BlockDiffusionSampler, "generate", limited)
+    auto = evaluate_setting(model, tokenizer, task, examples, setting, batch_size="auto", seed=0, max_new_tokens=16)
+    assert tried[:3] == [10, 5, 2] and set(tried[3:]) == {2}
+    assert auto.batch_size == 2 and fixed.batch_size == 10
+    assert [r["output"] for r in auto.records] == [r["output"] for r in fixed.records]
+    assert [r["index"] for r in auto.records] == list(range(10))
+    with pytest.raises(RuntimeError, match="out of memory"):  # a fixed batch size is the user's: no back-off
+        evaluate_setting(model, tokenizer, task, examples, setting, batch_size=4, seed=0, max_new_tokens=16)

@@ -27,7 +27,8 @@ def test_4bit_load_shares_quantized_linears_and_trains_lora(tmp_path):
     assert type(encoder.router.proj) is torch.nn.Linear
     assert type(quantized.model.decoder.self_conditioning.gate_proj) is torch.nn.Linear
 
-    ids, canvas = torch.randint(6, 90, (2, 10)), torch.randint(0, 90, (2, 32))
+    draw = torch.Generator().manual_seed(0)  # fixed inputs: the NF4 error of a 64-wide model varies with them
+    ids, canvas = torch.randint(6, 90, (2, 10), generator=draw), torch.randint(0, 90, (2, 32), generator=draw)
     with torch.no_grad():
         full = model(input_ids=ids, decoder_input_ids=canvas).logits
         four = quantized(input_ids=ids, decoder_input_ids=canvas).logits

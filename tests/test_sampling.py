@@ -90,4 +90,4 @@ def test_generation_config_defaults_are_read():
     config = SamplerConfig.from_model(model, max_denoising_steps=9)
     assert config.t_min == 0.3 and config.max_denoising_steps == 9
     assert config.entropy_bound == pytest.approx(0.1)
-    assert torch.is_tensor(BlockDiffusionSampler(model, config).eos_ids)
+    assert BlockDiffusionSampler(model, config).eos_ids == set(model.generation_config.eos_token_id)
