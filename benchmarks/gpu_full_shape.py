@@ -35,6 +35,7 @@ from dgemma_ft.finetune.tiny import build_tiny_tokenizer
 from dgemma_ft.inference.evaluate import AUTO_BATCH_START, generate_batch
 from dgemma_ft.inference.sampling import BlockDiffusionSampler, Request, SamplerConfig
 from dgemma_ft.memory_meter import PeakMemory
+from dgemma_ft.plumbing import enable_gradient_checkpointing
 from dgemma_ft.tasks.base import SourceSpec, get_task
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,10 +66,7 @@ def synchronize(device):
 def lora_steps(model, batch, objective, device, checkpointing: bool, steps: int = 3):
     """(seconds per step after one warm-up step, peak bytes including weights)."""
     if checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     batch = as_block_batch({k: v.to(device) for k, v in vars(batch).items()})

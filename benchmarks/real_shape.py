@@ -43,7 +43,7 @@ from dgemma_ft.finetune.run import objective_config
 from dgemma_ft.finetune.tiny import build_tiny_tokenizer
 from dgemma_ft.inference.sampling import BlockDiffusionSampler, Request, SamplerConfig
 from dgemma_ft.memory_meter import PeakMemory
-from dgemma_ft.plumbing import PrefixKV, encoder_masks, run_encoder, unwrap_model
+from dgemma_ft.plumbing import PrefixKV, enable_gradient_checkpointing, encoder_masks, run_encoder, unwrap_model
 from dgemma_ft.tasks.base import SourceSpec, get_task
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,10 +109,7 @@ def training_batch(recipe, tokenizer, canvas: int):
 def train_step(model, batch, objective, checkpointing: bool) -> tuple[float, int, float]:
     """(seconds, peak bytes above the weights, loss) of one forward/backward/AdamW step."""
     if checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     started = time.perf_counter()

@@ -53,6 +53,15 @@ def temperature_range(model) -> tuple[float, float]:
             float(t_max if t_max is not None else DEFAULT_TEMPERATURES[1]))
 
 
+def enable_gradient_checkpointing(model) -> None:
+    """Non-reentrant checkpointing of the decoder layers (HF never checkpoints the encoder layers, which write the
+    prefix), under the name this transformers version uses."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def model_device(model) -> torch.device:
     """Where the model's weights live (the head's device: the last stage under any device map)."""
     return unwrap_model(model).lm_head.weight.device

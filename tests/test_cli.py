@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from dgemma_ft.cli import main
 from dgemma_ft.finetune.recipe import load_recipe
 from dgemma_ft.finetune.run import train
+from cli_helpers import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.num_hidden_layers=2",
@@ -22,16 +22,6 @@ def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "run"
     recipe = load_recipe(ROOT / "recipes" / "sudoku-4x4-tiny.yaml", [*SMALL, f"train.output_dir={out}"])
     return train(recipe)
-
-
-def run_cli(args, capsys):
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_check_valid_and_invalid_recipes(capsys, tmp_path):

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from dgemma_ft.cli import main
 from dgemma_ft.finetune.estimate import (FOUR_BIT_PARTS, estimate, lora_parameters, meta_model, model_dims,
                                          nf4_bytes, shipped_config_dir, weight_census)
 from dgemma_ft.finetune.recipe import load_recipe
 from dgemma_ft.finetune.tiny import build_tiny_model
 from dgemma_ft.memory_meter import PeakMemory
+from cli_helpers import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 RELEASED = "google/diffusiongemma-26B-A4B-it"
@@ -37,16 +37,6 @@ def released():
     config = AutoConfig.from_pretrained(str(shipped_config_dir(RELEASED)))
     model = meta_model(config)
     return config, model, {part.part: part for part in weight_census(model, "bfloat16", frozenset())}
-
-
-def run_cli(args, capsys):
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def lora_recipe(overrides=()):

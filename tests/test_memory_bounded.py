@@ -145,10 +145,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(finetune):
     batch = _batch(tokenizer, ["abcdefghijklmnopq", "xyz"])
     config = ObjectiveConfig(self_conditioning_p=1.0, ar_weight=1.0, block_selection="all")
     loss, grads = _loss_and_grads(model, batch, config)
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    plumbing.enable_gradient_checkpointing(model)
     base = plumbing.unwrap_model(model)
     assert base.model.decoder.layers[0].gradient_checkpointing
     checkpointed_loss, checkpointed_grads = _loss_and_grads(model, batch, config)
