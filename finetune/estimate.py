@@ -4,8 +4,9 @@ What it counts:
 
 - Weights, by part, from the exact parameter shapes of `DiffusionGemmaForBlockDiffusion` built on the `meta`
   device (encoder and decoder share their text weights and the head is tied to the embeddings, so each is counted
-  once), at the recipe's dtype; with `load_in_4bit`, the text layers' linear weights in NF4 (blocksize 64, double
-  quantization).
+  once), at the recipe's dtype; with `load_in_4bit`, the text layers' linear weights and the 3-D expert tensors
+  in NF4 (blocksize 64, double quantization; `finetune/quantize_experts.py` for the experts), plus the largest
+  weight dequantized at a time (one linear, or one expert's matrix).
 - Trainable parameters (one shared LoRA adapter, or every text weight for `finetune: full`), their gradients
   and AdamW's two moment buffers.
 - Activations of one training step as `finetune/objective.py` runs it: the encoder over prompt + response blocks
@@ -82,10 +83,10 @@ INDEX = 8  # int64 indices (routing, gathers)
 NF4_BLOCK = 64
 NF4_NESTED_BLOCK = 256
 NF4_TENSOR_BYTES = 4 + (16 + 256) * FLOAT32
-# Parts whose weights `load_in_4bit` stores in NF4. bitsandbytes quantizes `nn.Linear` only, so the 3-D expert
-# tensors stay in 16-bit: a later change that quantizes them (bitsandbytes' `replace_parameter_4bit`) adds
-# "experts" here, or passes its own set to `estimate(four_bit_parts=...)`.
-FOUR_BIT_PARTS = frozenset({"attention", "dense_mlp"})
+# Parts whose weights `load_in_4bit` stores in NF4: bitsandbytes' loader quantizes the text linears, and
+# `quantize_experts` the 3-D expert tensors (through bitsandbytes' `replace_parameter_4bit`, same layout).
+# `estimate(four_bit_parts=...)` plans another set (e.g. {"attention", "dense_mlp"}: linears only).
+FOUR_BIT_PARTS = frozenset({"attention", "dense_mlp", "experts"})
 PART_LABELS = {
     "embeddings": "embeddings (tied with the head)",
     "attention": "attention q/k/v/o",
@@ -792,7 +793,7 @@ def estimate(recipe: Recipe, *, batch_size: int | None = None, checkpointing: bo
     regime = training_regime(recipe, dtype, scores)
     activations = {setting: training_activations(dims, regime, shape, setting == "on",
                                                  recipe.train.self_conditioning_p > 0) for setting in ("off", "on")}
-    dequantized = _largest_quantized_linear(dims, quantized) * DTYPE_BYTES[dtype]
+    dequantized = _largest_dequantized(dims, quantized, DTYPE_BYTES[dtype])
     inference_resident = sum(p.bytes for p in parts) + buffer_bytes(model) + adapter_bytes + dequantized
     optimizer_bytes = 2 * trainable_bytes  # AdamW's two moments, in the trainable parameters' dtype
     training_resident = inference_resident + trainable_bytes + optimizer_bytes  # + gradients
@@ -814,18 +815,25 @@ def estimate(recipe: Recipe, *, batch_size: int | None = None, checkpointing: bo
         training_peak=training_peak, eval_batch=eval_batch, sampler=sampler,
         sampler_peak=inference_resident + sampler.peak,
         gpus=gpu_fits(training_peak, inference_resident, sampler_at),
-        notes=_notes(recipe, tokens, scores, eval_batch))
+        notes=_notes(recipe, tokens, scores, eval_batch, quantized))
 
 
-def _largest_quantized_linear(dims: ModelDims, quantized: frozenset[str]) -> int:
-    """Weights bitsandbytes dequantizes for one matmul at a time: the largest quantized linear."""
+def _largest_dequantized(dims: ModelDims, quantized: frozenset[str], act_bytes: int) -> int:
+    """Bytes dequantized for one matmul at a time: the largest quantized linear, or one expert's `gate_up_proj`
+    (4-bit experts dequantize only the routed expert's matrix, with its float32 block scales; measured on CPU
+    with `dgemma_ft.memory_meter.PeakMemory`, `tests/test_experts_4bit.py`: the transient of a layer's experts
+    forward and backward stays under one such matrix)."""
     names = {"attention": ATTENTION_LINEARS, "dense_mlp": MLP_LINEARS}
     wanted = {name for part in quantized for name in names.get(part, ())}
-    sizes = [i * o for layer in dims.layers for name, (i, o) in layer.linears.items() if name in wanted]
+    sizes = [i * o * act_bytes for layer in dims.layers for name, (i, o) in layer.linears.items() if name in wanted]
+    if "experts" in quantized:
+        expert = 2 * dims.moe_intermediate * dims.hidden
+        sizes.append(expert * act_bytes + math.ceil(expert / NF4_BLOCK) * FLOAT32)
     return max(sizes, default=0)
 
 
-def _notes(recipe: Recipe, tokens: TokenPlan, scores: bool, eval_batch: int) -> list[str]:
+def _notes(recipe: Recipe, tokens: TokenPlan, scores: bool, eval_batch: int,
+           quantized: frozenset[str] = FOUR_BIT_PARTS) -> list[str]:
     notes = [f"a GPU fits when the peak stays under {100 - HEADROOM * 100:.0f}% of its memory (the rest is left "
              f"for the CUDA context, cuBLAS workspaces and fragmentation); * marks the recipe's checkpointing",
              "(t): transient, alive during one phase of the step; the peak is that of the largest phase",
@@ -837,7 +845,10 @@ def _notes(recipe: Recipe, tokens: TokenPlan, scores: bool, eval_batch: int) -> 
     if recipe.eval.batch_size == "auto":
         notes.append(f"eval.batch_size is auto: the sampler is shown at {eval_batch}; the GPU table gives the "
                      f"largest batch that fits")
-    if recipe.model.load_in_4bit:
+    if recipe.model.load_in_4bit and "experts" in quantized:
+        notes.append("4-bit: text-layer linears and experts in NF4 (experts dequantized one routed expert at a "
+                     "time); embeddings, router, self-conditioning, norms and vision stay in 16-bit")
+    elif recipe.model.load_in_4bit:
         notes.append("4-bit: text-layer linear weights in NF4; experts, embeddings, router, self-conditioning and "
-                     "vision stay in 16-bit (bitsandbytes quantizes nn.Linear only)")
+                     "vision stay in 16-bit")
     return notes

@@ -18,7 +18,8 @@ from dgemma_ft.errors import UserError
 from dgemma_ft.finetune.recipe import ModelSection
 
 # Modules that stay in full precision under 4-bit loading: the vision tower, the router, self-conditioning and
-# the head are small or numerically delicate; bitsandbytes cannot quantize the 3-D expert tensors anyway.
+# the head are small or numerically delicate. (The 3-D expert tensors are not linears: `quantize_experts` stores
+# them in NF4 after loading.)
 # Plain names for older transformers (substring match), `.*name` for 5.2x (matched from the start of the path).
 _KEEP = ["vision_tower", "embed_vision", "router", "self_conditioning"]
 KEEP_FULL_PRECISION = [*_KEEP, *(f".*{name}" for name in _KEEP), "lm_head"]
@@ -146,6 +147,9 @@ def _load_pretrained(name: str, section: ModelSection, dtype: torch.dtype) -> Lo
                         f"DIR`) and set model.name to that local folder") from None
     if quantization is not None:
         _share_after_quantization(model)
+        from dgemma_ft.finetune.quantize_experts import quantize_experts
+
+        quantize_experts(model)  # the 3-D expert tensors, which bitsandbytes' loader leaves in 16-bit
     return LoadedModel(model, tokenizer, source=name, base_name=name)
 
 
@@ -193,11 +197,12 @@ def _load_unsloth(section: ModelSection, dtype: torch.dtype) -> LoadedModel:
     if "unsloth" not in sys.modules and "transformers" in sys.modules:
         warnings.warn("unsloth is imported after transformers, so its patches may not apply: import unsloth first "
                       "(the dgemma-ft command does this for recipes with model.backend: unsloth)", stacklevel=2)
-    from unsloth import FastModel  # optional dependency, imported only for this backend
-
+    unsloth = importlib.import_module("unsloth")  # optional dependency, imported only for this backend
+    # its DiffusionGemma loader where this Unsloth has one (2026.10.4+), else the generic one
+    loader = getattr(unsloth, "FastDiffusionModel", None) or unsloth.FastModel
     try:
-        model, tokenizer = FastModel.from_pretrained(model_name=section.name, dtype=dtype,
-                                                     load_in_4bit=section.load_in_4bit, full_finetuning=False)
+        model, tokenizer = loader.from_pretrained(model_name=section.name, dtype=dtype,
+                                                  load_in_4bit=section.load_in_4bit, full_finetuning=False)
     except OSError as exc:
         raise UserError(f"model.name: unsloth cannot load '{section.name}': {str(exc).splitlines()[0]}; "
                         f"download it and point model.name at the local folder") from None

@@ -148,17 +148,40 @@ def test_lora_adapters_stay_float32_on_a_bf16_base():
     assert {p.dtype for p in adapted.parameters() if p.requires_grad} == {torch.float32}
 
 
-def test_four_bit_shrinks_linear_weights_only():
+def test_four_bit_shrinks_linears_and_experts():
     recipe = ROOT / "recipes" / "sudoku.yaml"
     plain = {p.part: p for p in estimate(load_recipe(recipe), prompt_tokens=100, response_tokens=90).parts}
-    quantized = {p.part: p for p in estimate(load_recipe(recipe, ["model.load_in_4bit=true"]), prompt_tokens=100,
-                                             response_tokens=90).parts}
+    four_bit = estimate(load_recipe(recipe, ["model.load_in_4bit=true"]), prompt_tokens=100, response_tokens=90)
+    quantized = {p.part: p for p in four_bit.parts}
+    assert FOUR_BIT_PARTS == {"attention", "dense_mlp", "experts"}
     for part in FOUR_BIT_PARTS:
         assert quantized[part].dtype == "nf4"
         assert 0.25 < quantized[part].bytes / plain[part].bytes < 0.27  # ~0.516 of a byte against 2
-    for part in ("experts", "embeddings", "router", "self_conditioning", "vision"):
+    for part in ("embeddings", "router", "self_conditioning", "vision"):
         assert quantized[part].bytes == plain[part].bytes
     assert nf4_bytes(64 * 256) == 64 * 256 // 2 + 256 + 4 + 4 + (16 + 256) * 4
+    assert any("experts in NF4" in note for note in four_bit.notes)
+    linears_only = estimate(load_recipe(recipe, ["model.load_in_4bit=true"]), prompt_tokens=100,
+                            response_tokens=90, four_bit_parts=frozenset({"attention", "dense_mlp"}))
+    assert {p.part: p for p in linears_only.parts}["experts"].bytes == plain["experts"].bytes
+    assert any("experts, embeddings" in note for note in linears_only.notes)
+    # 4-bit experts dequantize one expert's gate_up (2 x 704 x 2816 bf16, 7.9 MB) at a time, less than the
+    # largest linear: the one-weight transient does not grow
+    assert four_bit.dequantized_weight_bytes == linears_only.dequantized_weight_bytes
+
+
+def test_24gb_recipe_plans_under_22_gb():
+    recipe = load_recipe(ROOT / "recipes" / "sudoku-24gb.yaml")
+    assert recipe.model.load_in_4bit and recipe.train.gradient_checkpointing and recipe.finetune == "lora"
+    assert recipe.model.name == RELEASED and recipe.train.batch_size * recipe.train.grad_accum == 8
+    plan = estimate(recipe)
+    assert plan.training_peak["on"] <= 22e9  # issue 9's acceptance: the training step under 22 GB
+    usable = 24 * 2 ** 30 * 0.9
+    assert plan.sampler_peak <= usable
+    assert plan.gpus[0].gib == 24 and plan.gpus[0].training_checkpointing and plan.gpus[0].sampler
+    assert plan.gpus[0].largest_eval_batch == recipe.eval.batch_size  # the largest eval batch that fits
+    bigger = estimate(recipe, batch_size=2 * recipe.train.batch_size)
+    assert bigger.training_peak["on"] > 22e9  # the shipped train batch is the largest under the target
 
 
 def test_run_folder_resolves_to_its_weights(tmp_path):

@@ -96,14 +96,19 @@ def test_unsloth_4bit_load_keeps_encoder_and_decoder_sharing(monkeypatch):
         dec_layer.self_attn.q_proj = copy.deepcopy(enc_layer.self_attn.q_proj)  # as separate quantization leaves them
     seen = {}
 
-    class FastModel:
+    class FastDiffusionModel:  # Unsloth's DiffusionGemma loader: preferred over the generic FastModel
         @staticmethod
         def from_pretrained(**kwargs):
             seen.update(kwargs)
             return model, tokenizer
 
+    class FastModel:
+        @staticmethod
+        def from_pretrained(**kwargs):
+            pytest.fail("FastDiffusionModel should be used where Unsloth has it")
+
     fake = types.ModuleType("unsloth")
-    fake.FastModel = FastModel
+    fake.FastModel, fake.FastDiffusionModel = FastModel, FastDiffusionModel
     fake.__spec__ = importlib.machinery.ModuleSpec("unsloth", None)
     monkeypatch.setitem(__import__("sys").modules, "unsloth", fake)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

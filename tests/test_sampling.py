@@ -2,7 +2,6 @@
 statistics and traces recorded."""
 
 import pytest
-import torch
 
 from dgemma_ft.finetune.data import prompt_ids
 from dgemma_ft.finetune.tiny import TinySpec, build_tiny_model
