@@ -31,7 +31,7 @@ import copy
 import torch
 
 from dgemma_ft.errors import UserError
-from dgemma_ft.finetune.objective import unwrap_model
+from dgemma_ft.plumbing import unwrap_model
 
 SKELETON = "_dgemma_unsharded_skeleton"
 
