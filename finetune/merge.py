@@ -12,6 +12,12 @@ the text weights twice.
 A full fine-tune run (RUN/model) has nothing to fold: it is saved again in the chosen dtype.
 
 The output folder also gets the run's recipe.yaml (so `dgemma-ft eval DIR` works) and `dgemma_ft_merge.json`.
+
+An adapter trained on the 4-bit base (QLoRA: NF4 linears and experts) is merged the usual QLoRA way: the base is
+reloaded in the output precision, never in 4-bit, and the adapter folds into those weights. The base-fingerprint
+check works across precisions (it hashes the embeddings, which 4-bit loading keeps in full precision, rounded to
+bfloat16). The merged folder's recipe.yaml says `load_in_4bit: false`, so `eval DIR` runs the merged weights as
+saved; the merge record notes `trained_in_4bit`.
 """
 
 from __future__ import annotations
@@ -19,7 +25,6 @@ from __future__ import annotations
 import copy
 import json
 import re
-import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,6 +47,7 @@ class MergeResult:
     dtype: str
     base: str | None
     untied: bool
+    trained_in_4bit: bool = False  # the run trained on the 4-bit base (QLoRA); the merge is full precision
     files: dict[str, int] = field(default_factory=dict)  # file name -> bytes
 
     def record(self) -> dict:
@@ -191,17 +197,33 @@ def merge(run_dir_or_adapter_source: str | Path, out: str | Path, dtype: str = "
     model.to(DTYPES[dtype])
     model.eval()
 
-    result = MergeResult(out=out, source=str(run.resolve()), layout=layout, dtype=dtype, base=base, untied=untied)
+    result = MergeResult(out=out, source=str(run.resolve()), layout=layout, dtype=dtype, base=base, untied=untied,
+                         trained_in_4bit=bool(recipe.model.load_in_4bit))
     with _quiet_transformers(), atomic_dir(out) as staging:
         model.save_pretrained(str(staging))
         tokenizer.save_pretrained(str(staging))
-        shutil.copyfile(run / "recipe.yaml", staging / "recipe.yaml")
+        _write_merged_recipe(run / "recipe.yaml", staging / "recipe.yaml")
         record = {**result.record(), "out": str(out), "tool": "dgemma-ft merge"}
         (staging / MERGE_RECORD).write_text(json.dumps(record, indent=2))
         if untied:
             _check_untied_files(staging)
         result.files = {p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.is_file()}
     return result
+
+
+def _write_merged_recipe(source: Path, target: Path) -> None:
+    """The run's recipe.yaml, for `dgemma-ft eval DIR`. A QLoRA run's recipe says `load_in_4bit: true`, which
+    would re-quantize the merged checkpoint when it is evaluated; the merged folder holds full-precision weights,
+    so its recipe says `load_in_4bit: false` (the merge record keeps `trained_in_4bit`)."""
+    import yaml
+
+    text = source.read_text(encoding="utf-8")
+    data = yaml.safe_load(text)
+    model = data.get("model") if isinstance(data, dict) else None
+    if isinstance(model, dict) and model.get("load_in_4bit"):
+        model["load_in_4bit"] = False
+        text = yaml.safe_dump(data, sort_keys=False)
+    target.write_text(text, encoding="utf-8")
 
 
 def _load_full(run: Path, dtype: str, device: str | None = None):
