@@ -130,10 +130,12 @@ def _load_pretrained(name: str, section: ModelSection, dtype: torch.dtype) -> Lo
     from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
 
     device = resolve_device(section.device)
-    # device_map puts every weight straight onto the device as it is read (no full copy in CPU memory first)
-    kwargs = dict(dtype=dtype, attn_implementation=section.attn_implementation, revision=section.revision,
-                  device_map={"": str(device)})
     quantization = _quantization_config(section, dtype)
+    staged = quantization is not None and _stage_on_cpu(device)
+    # device_map puts every weight straight onto the device as it is read (no full copy in CPU memory first);
+    # 4-bit loading onto an accelerator reads into CPU memory instead (see `_place_4bit`)
+    kwargs = dict(dtype=dtype, attn_implementation=section.attn_implementation, revision=section.revision,
+                  device_map={"": "cpu" if staged else str(device)})
     if quantization is not None:
         kwargs["quantization_config"] = quantization
     try:
@@ -149,8 +151,41 @@ def _load_pretrained(name: str, section: ModelSection, dtype: torch.dtype) -> Lo
         _share_after_quantization(model)
         from dgemma_ft.finetune.quantize_experts import quantize_experts
 
-        quantize_experts(model)  # the 3-D expert tensors, which bitsandbytes' loader leaves in 16-bit
+        if staged:
+            _place_4bit(model, device)
+        else:
+            quantize_experts(model)  # the 3-D expert tensors, which bitsandbytes' loader leaves in 16-bit
     return LoadedModel(model, tokenizer, source=name, base_name=name)
+
+
+def _stage_on_cpu(device: torch.device) -> bool:
+    """Whether 4-bit loading reads the checkpoint into CPU memory before the device (any device but the CPU)."""
+    return device.type != "cpu"
+
+
+def _place_4bit(model, device: torch.device) -> None:
+    """Put a 4-bit model that `from_pretrained` loaded on the CPU onto `device` without its 16-bit experts ever
+    being there together.
+
+    `from_pretrained(device_map={"": device})` would materialise all 16-bit expert tensors (22.8 B weights,
+    45.7 GB at the released shape) on the device before `quantize_experts` could store them in NF4: no 24 GB card
+    could load the model. So 4-bit loading onto an accelerator reads everything on the CPU (bitsandbytes
+    quantizes the linears there; safetensors maps the checkpoint, so weights read in their stored dtype are file
+    pages rather than copies), then:
+    1. `quantize_experts(model, device=device)`: one expert tensor at a time is copied to the device, quantized
+       there (bitsandbytes creates its packed data and `QuantState` on the device) and its 16-bit copies dropped,
+       so the device holds the NF4 experts plus at most one 16-bit expert tensor (1.0 GB at the released shape);
+    2. `model.to(device)` moves the rest: bitsandbytes' `Params4bit.to` moves each linear's `QuantState` with its
+       data, full-precision parts move as usual, the NF4 experts (already there) stay.
+    A single-device map means transformers dispatches no accelerate hooks (it does for mixed cpu/GPU maps, which
+    would replace the CPU weights by meta tensors behind offload hooks), and the decoder keeps pointing at the
+    encoder's modules. Peak device memory: the final footprint (~13.5 GiB) plus one 16-bit expert tensor."""
+    from dgemma_ft.finetune.quantize_experts import check_device, quantize_experts
+
+    quantize_experts(model, device=device)
+    model.to(device)
+    check_device(model, device)
+    free_memory()
 
 
 def _share_after_quantization(model) -> None:

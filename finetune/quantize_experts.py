@@ -19,6 +19,15 @@ kept between forward and backward. The transient per layer is one expert's dequa
 float32 scales): at the released shape 2 x 704 x 2816 bf16 = 7.9 MB, against 1.52 GB for a whole layer.
 
 Full-precision parts (router, self-conditioning, norms, embeddings, vision tower) are untouched.
+
+Loading onto an accelerator (`quantize_experts(model, device=...)`, as `load_in_4bit` on a GPU calls it): the
+model arrives with its 16-bit experts in CPU memory (the loader stages the checkpoint there: safetensors maps the
+file, so matching-dtype tensors are file pages, not copies) and each expert tensor is copied to the device alone,
+quantized there (so bitsandbytes creates the packed data and its `QuantState` on the device) and its 16-bit
+copies dropped before the next one is copied. The device therefore never holds more than one 16-bit expert tensor
+(<= one layer's experts, 1.0 GB of a 1.5 GB layer at the released shape) on top of the NF4 ones. `module.to()`
+does not move a parametrization's `QuantState`, hence quantizing in place on the device rather than moving NF4
+experts afterwards; `check_device` verifies that packed data and state agree.
 """
 
 from __future__ import annotations
@@ -67,11 +76,17 @@ def share_decoder_experts(model) -> int:
     return count
 
 
-def quantize_experts(model, blocksize: int = BLOCKSIZE, double_quant: bool = DOUBLE_QUANT) -> int:
+def quantize_experts(model, blocksize: int = BLOCKSIZE, double_quant: bool = DOUBLE_QUANT,
+                     device: torch.device | str | None = None) -> int:
     """Store every text layer's expert tensors in NF4 (one copy shared by encoder and decoder) and install the
-    per-expert forward. Idempotent; returns the number of expert modules quantized now."""
+    per-expert forward. Idempotent; returns the number of expert modules quantized now.
+
+    `device`: where the NF4 experts go. None quantizes each tensor where it is. Otherwise each 16-bit tensor is
+    copied to `device` on its own, quantized there and its copies dropped before the next (see the module
+    docstring): at most one 16-bit expert tensor is on the device at a time."""
     from bitsandbytes.nn.parametrize import replace_parameter_4bit
 
+    target = torch.device(device) if device is not None else None
     share_decoder_experts(model)  # first, so the 16-bit tensors are freed as soon as each is quantized
     count = 0
     for encoder_layer, _ in _layer_pairs(model):
@@ -84,11 +99,45 @@ def quantize_experts(model, blocksize: int = BLOCKSIZE, double_quant: bool = DOU
             if per_expert % (2 * blocksize):
                 raise UserError(f"experts.{name}: {per_expert} weights per expert is not a multiple of "
                                 f"{2 * blocksize}; 4-bit experts need whole NF4 blocks per expert")
+            if target is not None:
+                # the module's only reference to the staged tensor is replaced; `parameter` is dropped too
+                setattr(experts, name, torch.nn.Parameter(_to_device(parameter, target), requires_grad=False))
+            del parameter
             replace_parameter_4bit(experts, name, compress_statistics=double_quant, quant_type="nf4",
                                    blocksize=blocksize)
         experts.forward = types.MethodType(_nf4_experts_forward, experts)
         count += 1
+    if target is not None:
+        check_device(model, target)
     return count
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """One staged 16-bit expert tensor on `device` (always a new copy, so the staged one can be freed)."""
+    return tensor.detach().to(device, copy=True)
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+def check_device(model, device: torch.device | str) -> None:
+    """Every NF4 expert tensor's packed data and its whole `QuantState` (scales, code, nested state) on `device`."""
+    device = torch.device(device)
+    for encoder_layer, decoder_layer in _layer_pairs(model):
+        experts = encoder_layer.experts
+        if not is_quantized(experts) or decoder_layer.experts is not experts:
+            raise UserError("4-bit experts: a layer's experts are not quantized once and shared by encoder and "
+                            "decoder")
+        for name in EXPERT_TENSORS:
+            packed, state = _state(experts, name)
+            tensors = [packed, state.absmax, state.code]
+            if state.nested:
+                tensors += [state.offset, state.state2.absmax, state.state2.code]
+            wrong = {str(t.device) for t in tensors if not _same_device(t.device, device)}
+            if wrong:
+                raise UserError(f"4-bit experts: experts.{name} has NF4 data or quantization state on {wrong}, "
+                                f"not on {device}")
 
 
 # --------------------------------------------------------------------------------------- per-expert compute

@@ -1,7 +1,14 @@
 """4-bit experts: `load_in_4bit` also stores the 3-D expert tensors in NF4 (bitsandbytes' parametrization, one copy
-shared by encoder and decoder), computes one routed expert at a time, and trains a LoRA on top."""
+shared by encoder and decoder), computes one routed expert at a time, and trains a LoRA on top.
+
+Loading onto a GPU stages the checkpoint on the CPU and quantizes the experts onto the device one tensor at a time
+(`model_loading._place_4bit`). With no GPU here, the `staged` tests force that path with the CPU as the target:
+every expert tensor is still copied to the "device" (`quantize_experts._to_device` always copies), so the copies,
+their NF4 results and their release are what a GPU would hold, and they are counted."""
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -10,6 +17,8 @@ bitsandbytes = pytest.importorskip("bitsandbytes")
 
 from bitsandbytes import functional as BF  # noqa: E402
 
+from dgemma_ft.errors import UserError  # noqa: E402
+from dgemma_ft.finetune import model_loading  # noqa: E402
 from dgemma_ft.finetune import quantize_experts as qe  # noqa: E402
 from dgemma_ft.finetune.estimate import nf4_bytes  # noqa: E402
 from dgemma_ft.finetune.lora import attach_lora  # noqa: E402
@@ -53,10 +62,25 @@ def load_4bit(path):
     return load_model(ModelSection(name=str(path), load_in_4bit=True, dtype="float32")).model
 
 
-def test_4bit_experts_compute_the_nf4_round_trip(saved, monkeypatch):
+def load_staged(path, monkeypatch):
+    """The accelerator path (CPU staging, experts quantized onto the device one tensor at a time), on the CPU."""
+    with monkeypatch.context() as patch:
+        patch.setattr(model_loading, "_stage_on_cpu", lambda device: True)
+        return load_4bit(path)
+
+
+@pytest.fixture(params=["direct", "staged"])
+def load(request, monkeypatch):
+    """Each 4-bit loading path: straight onto the device (CPU loading), or staged on the CPU (GPU loading)."""
+    if request.param == "direct":
+        return load_4bit
+    return lambda path: load_staged(path, monkeypatch)
+
+
+def test_4bit_experts_compute_the_nf4_round_trip(saved, monkeypatch, load):
     """Same 4-bit linears on both sides; one side's experts in NF4, the other's replaced by their round trip."""
-    quantized = load_4bit(saved)
-    monkeypatch.setattr(qe, "quantize_experts", lambda model: 0)  # linears only, as before 4-bit experts
+    quantized = load(saved)
+    monkeypatch.setattr(qe, "quantize_experts", lambda model, **kwargs: 0)  # linears only, as before 4-bit experts
     reference = load_4bit(saved)
     monkeypatch.undo()
     assert all(qe.is_quantized(encoder.experts) for encoder, _ in layers(quantized))
@@ -110,8 +134,8 @@ def test_narrow_experts_dequantize_correctly():
     torch.testing.assert_close(qe.nf4_round_trip(tensor, double_quant=False), generic, atol=0, rtol=0)
 
 
-def test_encoder_and_decoder_share_one_quantized_copy(saved):
-    model = load_4bit(saved)
+def test_encoder_and_decoder_share_one_quantized_copy(saved, load):
+    model = load(saved)
     packed = {}
     for encoder, decoder in layers(model):
         assert encoder.experts is decoder.experts
@@ -136,8 +160,8 @@ def test_encoder_and_decoder_share_one_quantized_copy(saved):
     assert stored < dense / 6  # fp32 -> NF4: ~7.5x smaller, counted once for both passes
 
 
-def test_router_self_conditioning_and_embeddings_stay_full_precision(saved):
-    model = load_4bit(saved)
+def test_router_self_conditioning_and_embeddings_stay_full_precision(saved, load):
+    model = load(saved)
     for encoder, decoder in layers(model):
         assert type(encoder.router.proj) is torch.nn.Linear and encoder.router.proj.weight.dtype == torch.float32
         assert encoder.router.per_expert_scale.dtype == torch.float32
@@ -221,3 +245,78 @@ def test_experts_transient_is_one_expert_not_one_layer():
     assert kept_q == kept_ref  # nothing dequantized is saved for backward
     assert transient <= one_expert + scales
     assert transient < whole_layer / 8
+
+
+def test_staged_load_holds_one_16bit_expert_tensor_at_a_time(saved, monkeypatch):
+    """The accelerator path: `from_pretrained` reads onto the CPU, then each expert tensor is copied to the device,
+    quantized there and dropped before the next: the device never holds more than one 16-bit expert tensor (so
+    less than one layer's) besides the NF4 ones, the staged CPU tensors are freed, no accelerate hooks are left,
+    and the model computes exactly what the direct path's does."""
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    device_maps, copies, live_before, staged = [], [], [], []
+    meter = {}
+    original_load = DiffusionGemmaForBlockDiffusion.from_pretrained
+    original_copy, original_quantize = qe._to_device, qe.quantize_experts
+
+    def from_pretrained(cls, *args, **kwargs):
+        device_maps.append(kwargs.get("device_map"))
+        return original_load(*args, **kwargs)
+
+    def to_device(tensor, device):
+        assert tensor.dim() == 3
+        live_before.append(sum(ref() is not None for ref in copies))  # earlier device copies still alive
+        result = original_copy(tensor, device)
+        copies.append(weakref.ref(result))
+        return result
+
+    def quantize(model, **kwargs):
+        assert kwargs.get("device") is not None
+        for encoder, _ in layers(model):
+            staged.extend(weakref.ref(getattr(encoder.experts, name)) for name in qe.EXPERT_TENSORS)
+        with PeakMemory() as measured:
+            result = original_quantize(model, **kwargs)
+            gc.collect()
+        meter.update(peak=measured.peak_bytes, kept=measured.current_bytes)
+        return result
+
+    monkeypatch.setattr(DiffusionGemmaForBlockDiffusion, "from_pretrained", classmethod(from_pretrained))
+    monkeypatch.setattr(qe, "_to_device", to_device)
+    monkeypatch.setattr(qe, "quantize_experts", quantize)
+    model = load_staged(saved, monkeypatch)
+    monkeypatch.undo()
+    gc.collect()
+
+    assert device_maps == [{"": "cpu"}]  # staged in CPU memory, one device: no accelerate dispatch
+    assert len(copies) == 2 * SPEC["num_hidden_layers"] and live_before == [0] * len(copies)
+    assert all(ref() is None for ref in copies + staged)  # device copies and staged CPU tensors freed
+    assert not any(hasattr(module, "_hf_hook") for module in model.modules())
+    assert len(set(getattr(model, "hf_device_map", {"": "cpu"}).values())) == 1
+    qe.check_device(model, "cpu")
+
+    hidden, inter, experts = SPEC["hidden_size"], SPEC["moe_intermediate_size"], SPEC["num_experts"]
+    gate_up = experts * 2 * inter * hidden * 4  # the larger fp32 expert tensor
+    one_layer = experts * 3 * inter * hidden * 4
+    nf4 = sum(nf4_bytes(qe._state(encoder.experts, name)[1].shape.numel())
+              for encoder, _ in layers(model) for name in qe.EXPERT_TENSORS)
+    print(f"quantize onto the device: peak {meter['peak']} B, kept {meter['kept']} B (NF4 experts {nf4} B); "
+          f"one 16-bit gate_up {gate_up} B, one layer {one_layer} B, all layers "
+          f"{SPEC['num_hidden_layers'] * one_layer} B")
+    codes = 2 * SPEC["num_hidden_layers"] * 16 * 4  # NF4 code tables: bitsandbytes may hand out a cached one
+    assert nf4 - codes <= meter["kept"] <= nf4  # only the NF4 experts stay on the device
+    assert meter["peak"] <= nf4 + one_layer  # never more than one layer's 16-bit experts besides them
+    assert meter["peak"] <= nf4 + gate_up + gate_up // 4  # in fact one tensor and its quantization temporaries
+
+    direct = load_4bit(saved)
+    ids, canvas = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, decoder_input_ids=canvas).logits,
+                                   direct(input_ids=ids, decoder_input_ids=canvas).logits, atol=0, rtol=0)
+
+
+def test_check_device_finds_state_off_the_device():
+    model, _ = build_tiny_model(TinySpec(**SPEC))
+    qe.quantize_experts(model)
+    qe.check_device(model, "cpu")
+    with pytest.raises(UserError, match="not on meta"):
+        qe.check_device(model, "meta")
