@@ -12,17 +12,31 @@ Random weights never become confident, so every block runs all its denoising ste
     python benchmarks/gpu_full_shape.py [--steps 16] [--layers 30] [--experts 128] [--json out.json]
 
 `--layers/--experts/--device cpu` shrink it for a smoke run on a CPU (what CI-less checks here use).
+
+`--experts-4bit` (needs bitsandbytes) measures `model.load_in_4bit: true` (NF4 text linears and experts, as
+`recipes/sudoku-24gb.yaml` plans) instead. HF's constructor builds the whole model at once, and a 26B checkpoint
+cannot be saved and reloaded through bitsandbytes' loader on the box either, so the model is built in bf16 on the
+device as above (~47 GiB: this flag needs an 80 GB GPU to *build*) and then quantized in place: every text-layer
+linear becomes a `bitsandbytes.nn.Linear4bit` (NF4, blocksize 64, double quantization, bf16 compute, as the
+kit's loader configures it; router, self-conditioning, vision and head stay bf16), the decoder is pointed at the
+encoder's quantized modules, and `quantize_experts` stores the experts in NF4. The bf16 copies are freed, the
+CUDA cache emptied and the allocator's peak reset, so every figure after that is the 4-bit footprint a 24 GB card
+would see (the resident bytes after quantization are printed beside the plan's weights). On a CPU the same code
+runs at a reduced shape:
+
+    python benchmarks/gpu_full_shape.py --device cpu --layers 2 --experts 16 --batches 1 --steps 1 --experts-4bit
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 from pathlib import Path
 
 import torch
-from real_shape import released_config_cut  # benchmarks/ is on sys.path when run as a script
+from real_shape import quantized_weight_bytes, released_config_cut  # benchmarks/ is on sys.path as a script
 from transformers import DiffusionGemmaForBlockDiffusion
 
 from dgemma_ft.finetune.data import BlockCollator, as_block_batch, encode_example, prompt_ids
@@ -49,13 +63,46 @@ def build(config, device: torch.device):
     return model.eval()
 
 
+def quantize_in_place(model, device) -> float:
+    """NF4 text linears (bitsandbytes' `Linear4bit`, as `model.load_in_4bit` loads them) and NF4 experts
+    (`quantize_experts`), one shared copy for encoder and decoder; the bf16 copies are freed. Returns seconds."""
+    import bitsandbytes as bnb
+
+    from dgemma_ft.finetune.lora import share_decoder_linears
+    from dgemma_ft.finetune.quantize_experts import quantize_experts
+
+    started = time.perf_counter()
+    layers = model.model.encoder.language_model.layers
+    for layer in layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, linear in list(parent.named_children()):
+                if type(linear) is not torch.nn.Linear:
+                    continue
+                quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                              compute_dtype=torch.bfloat16, compress_statistics=True,
+                                              quant_type="nf4", device="meta")
+                quantized.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, blocksize=64,
+                                                     compress_statistics=True, quant_type="nf4",
+                                                     module=quantized).to(device)
+                if linear.bias is not None:
+                    quantized.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
+                setattr(parent, name, quantized)
+    share_decoder_linears(model, force=True)  # drops the decoder's references to the bf16 linears
+    quantize_experts(model)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    return time.perf_counter() - started
+
+
 def resident_bytes(model, device) -> int:
-    """What is allocated before a measurement: everything on a CUDA device, else the model's own tensors."""
+    """What is allocated before a measurement: everything on a CUDA device, else the model's own tensors (with
+    bitsandbytes' quantization statistics)."""
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device)
-    storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in [*model.parameters(),
-                                                                                   *model.buffers()]}
-    return sum(storages.values())
+    return quantized_weight_bytes(model)
 
 
 def synchronize(device):
@@ -127,6 +174,9 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=None)
     parser.add_argument("--batches", default="1,4,16,auto")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--experts-4bit", action="store_true",
+                        help="quantize linears and experts to NF4 in place after building (needs an 80 GB GPU to "
+                             "build), then measure the 4-bit footprint")
     args = parser.parse_args()
     device = torch.device(args.device)
 
@@ -136,12 +186,22 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
-    recipe = load_recipe(ROOT / "recipes" / "sudoku.yaml", [f"model.name={folder}"])
+    overrides = [f"model.name={folder}"] + (["model.load_in_4bit=true"] if args.experts_4bit else [])
+    recipe = load_recipe(ROOT / "recipes" / "sudoku.yaml", overrides)
     task = get_task(recipe.task.name, recipe.task.options)
     started = time.perf_counter()
     model = build(config, device)
     print(f"built {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters on {device} in "
           f"{time.perf_counter() - started:.0f} s")
+    figures_4bit = {}
+    if args.experts_4bit:
+        seconds = quantize_in_place(model, device)
+        resident = resident_bytes(model, device)
+        plan = estimate(recipe, prompt_tokens=1, response_tokens=1)
+        planned = plan.weight_bytes + plan.buffers
+        print(f"quantized linears and experts to NF4 in {seconds:.0f} s: {resident / GIB:.2f} GiB resident "
+              f"(plan: weights + buffers {planned / GIB:.2f} GiB)")
+        figures_4bit = {"quantize_seconds": seconds, "resident_bytes": resident, "planned_weight_bytes": planned}
     rows = task.build_dataset("train", SourceSpec(source="generate", size=recipe.train.batch_size, seed=1))
     encoded = [encode_example(tokenizer, row["messages"], config.canvas_length) for row in rows]
     batch = as_block_batch(BlockCollator(tokenizer.pad_token_id)(encoded))
@@ -155,7 +215,7 @@ def main() -> None:
     eval_prompt = max(len(r.prompt_ids) for r in requests)
 
     figures = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
-               "training": [], "sampling": []}
+               "training": [], "sampling": [], "experts_4bit": figures_4bit or None}
     model = attach_lora(model, recipe.lora.r, recipe.lora.alpha, recipe.lora.dropout, recipe.lora.targets)
     objective = objective_config(recipe.train, model)
     print(f"\n{'LoRA step (sudoku.yaml shape)':34} {'s/step':>7} {'peak GiB':>9} {'estimate GiB':>13}")
@@ -179,8 +239,7 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             continue
-        plan = estimate(load_recipe(ROOT / "recipes" / "sudoku.yaml", [f"model.name={folder}",
-                                                                       f"eval.batch_size={used}"]),
+        plan = estimate(load_recipe(ROOT / "recipes" / "sudoku.yaml", [*overrides, f"eval.batch_size={used}"]),
                         prompt_tokens=eval_prompt, response_tokens=config.canvas_length)
         label = f"batch {value}" + (f" (ran {used})" if value == "auto" else "")
         print(f"{label:34} {rate:7.1f} {peak / GIB:9.2f} {plan.sampler_peak / GIB:13.2f}")

@@ -15,9 +15,18 @@ and prints time, measured peak memory (`dgemma_ft.memory_meter.PeakMemory`), `dg
 shape, and their ratio. The sampler's peak beyond weights and KV prefix is also shown as a multiple of the bf16
 self-conditioning buffer the old sampler kept (4 x 256 x 262144 x 2 bytes).
 
-    python benchmarks/real_shape.py [--steps 2] [--threads 2]
+    python benchmarks/real_shape.py [--steps 2] [--threads 2] [--experts-4bit]
 
 About 3-6 minutes and 12 GB of RAM on 2 CPU cores with AMX bf16 (bf16 matmuls are ~8x slower without it).
+
+`--experts-4bit` (needs bitsandbytes) measures the same shape three ways instead: bf16; 4-bit text linears only
+(bitsandbytes' loader, experts in bf16); 4-bit linears and experts (`model.load_in_4bit: true` as the kit loads
+it: `load_model`, i.e. bitsandbytes' loader then `quantize_experts`). The random bf16 model is saved to a temporary
+folder and loaded back from it, so the 4-bit weights come from the same path as a real checkpoint's. For each: the
+LoRA step without and with checkpointing and (4-bit only) the sampler, measured against `estimate` (with
+`model.load_in_4bit: true` and the matching `four_bit_parts`), then the training step's seconds and tokens/s
+(encoder + decoder tokens per second) side by side, from unmetered steps interleaved across the three
+configurations (`--speed-rounds`, median). About 10-15 minutes and 14 GB of RAM on 2 cores.
 """
 
 from __future__ import annotations
@@ -25,6 +34,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -181,6 +192,31 @@ def legacy_sampler():
     return module
 
 
+def quantized_weight_bytes(model) -> int:
+    """Parameters and buffers plus bitsandbytes' quantization statistics (block scales, nested scales, code
+    tables), which live on each 4-bit weight's `quant_state` and are neither; every storage once."""
+    tensors = [*model.parameters(), *model.buffers()]
+    states = []
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None:
+            states.append(state)
+        for parametrization in getattr(module, "parametrizations", {}).values():
+            states.extend(p.quant_state for p in parametrization if getattr(p, "quant_state", None) is not None)
+    while states:
+        state = states.pop()
+        tensors.extend(t for t in (state.absmax, state.code, state.offset) if isinstance(t, torch.Tensor))
+        if getattr(state, "state2", None) is not None:
+            states.append(state.state2)
+    seen, total = set(), 0
+    for tensor in tensors:
+        key = tensor.untyped_storage()._cdata
+        if key not in seen:
+            seen.add(key)
+            total += tensor.untyped_storage().nbytes()
+    return total
+
+
 def ratio(estimated: float, measured: float) -> str:
     return f"{estimated / measured:.2f}" if measured else "-"
 
@@ -190,8 +226,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="denoising steps per block for the evaluation")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-legacy", action="store_true", help="skip the pre-rewrite sampler")
+    parser.add_argument("--experts-4bit", action="store_true",
+                        help="bf16 vs 4-bit linears vs 4-bit linears + experts: memory against estimate, speed")
+    parser.add_argument("--speed-rounds", type=int, default=3, help="with --experts-4bit: timed rounds")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.experts_4bit:
+        main_4bit(args)
+        return
 
     config = shape_faithful_config()
     tokenizer = build_tiny_tokenizer()
@@ -248,6 +290,162 @@ def main() -> None:
     for label, measured, seconds, count in sampler_rows:
         print(f"  {label:42} {(measured - prefix) / buffer:5.2f}x   ({measured / GIB:.2f} GiB, {seconds:.1f} s, "
               f"{count / seconds:.1f} tokens/s)")
+
+
+# ------------------------------------------------------------------------------------------------- --experts-4bit
+LINEARS_ONLY = frozenset({"attention", "dense_mlp"})
+LINEARS_AND_EXPERTS = frozenset({"attention", "dense_mlp", "experts"})
+
+
+def load_4bit(folder: Path, experts: bool):
+    """The saved model in 4-bit: as `model.load_in_4bit: true` loads it (`load_model`: bitsandbytes' linears,
+    then `quantize_experts`), or with bitsandbytes' loader alone (experts left in bf16)."""
+    from dgemma_ft.finetune.recipe import ModelSection
+
+    if experts:
+        from dgemma_ft.finetune.model_loading import load_model
+
+        section = ModelSection(name=str(folder), load_in_4bit=True, dtype="bfloat16", device="cpu")
+        return load_model(section).model.eval()
+    from transformers import BitsAndBytesConfig
+
+    from dgemma_ft.finetune.lora import share_decoder_linears
+    from dgemma_ft.finetune.model_loading import KEEP_FULL_PRECISION
+
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.bfloat16,
+                                      llm_int8_skip_modules=KEEP_FULL_PRECISION)
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(str(folder), dtype=torch.bfloat16,
+                                                            attn_implementation="sdpa", device_map={"": "cpu"},
+                                                            quantization_config=quantization)
+    share_decoder_linears(model, force=True)  # as the kit does after bitsandbytes' loader
+    return model.eval()
+
+
+def set_checkpointing(model, on: bool) -> None:
+    if on:
+        enable_gradient_checkpointing(model)
+    elif hasattr(model, "activation_checkpointing_disable"):  # transformers >= 5.2x
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def timed_step(model, batch, objective) -> float:
+    """Seconds of one unmetered LoRA step (forward, backward, AdamW)."""
+    model.train()
+    started = time.perf_counter()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    out = block_diffusion_loss(model, batch, objective, generator=torch.Generator().manual_seed(0))
+    out.loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - started
+    model.eval()
+    return seconds
+
+
+def measure_configuration(label, model, recipe, batch, lengths, four_bit_parts, requests, steps, sampler: bool):
+    """Rows (what, seconds, measured bytes beyond weights, estimated, weights measured, weights estimated) for one
+    configuration, the model with its adapter, and the encoder + decoder tokens of one step."""
+    weights = quantized_weight_bytes(model)
+    model = attach_lora(model, recipe.lora.r, recipe.lora.alpha, recipe.lora.dropout, recipe.lora.targets)
+    objective = objective_config(recipe.train, model)
+    prompt_tokens, response_tokens = lengths
+    rows, step_tokens = [], 0
+    for checkpointing in (False, True):
+        seconds, peak, loss = train_step(model, batch, objective, checkpointing)
+        plan = estimate(recipe, checkpointing=checkpointing, prompt_tokens=prompt_tokens,
+                        response_tokens=response_tokens, four_bit_parts=four_bit_parts)
+        key = "on" if checkpointing else "off"
+        step_tokens = plan.step.rows * (plan.step.encoder_length + plan.step.decoder_queries)
+        estimated = plan.training_peak[key] - plan.weight_bytes - plan.buffers
+        rows.append((f"{label}: LoRA step, checkpointing {key}", seconds, peak, estimated, weights,
+                     plan.weight_bytes + plan.buffers))
+        print(f"  {label}, checkpointing {key}: loss {loss:.3f}, {seconds:.1f} s", flush=True)
+    if sampler:
+        plan = estimate(recipe, prompt_tokens=max(len(r.prompt_ids) for r in requests),
+                        response_tokens=recipe_canvas(model), four_bit_parts=four_bit_parts)
+        estimated = plan.sampler_peak - plan.weight_bytes - plan.buffers - plan.adapter_bytes
+        seconds, peak, answers = run_sampler(BlockDiffusionSampler, SamplerConfig, Request, model, requests, steps)
+        rows.append((f"{label}: sampler, batch {EVAL_BATCH}, {steps} steps", seconds, peak, estimated, weights,
+                     plan.weight_bytes + plan.buffers))
+        print(f"  {label}, sampler: {seconds:.1f} s, {sum(len(a.token_ids) for a in answers) / seconds:.1f} "
+              f"tokens/s", flush=True)
+    return rows, model, step_tokens
+
+
+def recipe_canvas(model) -> int:
+    return unwrap_model(model).config.canvas_length
+
+
+def main_4bit(args) -> None:
+    import gc
+
+    config = shape_faithful_config()
+    tokenizer = build_tiny_tokenizer()
+    folder = Path(tempfile.mkdtemp(prefix="real-shape-4bit-"))
+    config.save_pretrained(str(folder))
+    recipe = recipe_at_shape(folder, tokenizer)
+    recipe_4bit = load_recipe(ROOT / "recipes" / "sudoku.yaml", [
+        f"model.name={folder}", "train.self_conditioning_p=1.0", f"eval.batch_size={EVAL_BATCH}",
+        "model.load_in_4bit=true"])
+    model = build_model(config)
+    model.save_pretrained(str(folder))  # the 4-bit models are loaded from this copy
+    canvas = config.canvas_length
+    batch, encoded = training_batch(recipe, tokenizer, canvas)
+    lengths = (max(row["prompt_length"] for row in encoded), max(row["response_length"] for row in encoded))
+    requests = eval_requests(recipe, tokenizer, EVAL_BATCH)
+    print(f"shape-faithful DiffusionGemma: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters "
+          f"(saved to {folder}); sudoku.yaml shape: batch {recipe.train.batch_size}, prompt {lengths[0]} + "
+          f"response {lengths[1]} tokens, canvas {canvas}", flush=True)
+
+    configurations = [("bf16", None, recipe, frozenset(), False),
+                      ("4-bit linears", False, recipe_4bit, LINEARS_ONLY, True),
+                      ("4-bit linears + experts", True, recipe_4bit, LINEARS_AND_EXPERTS, True)]
+    rows, models, step_tokens = [], [], 0
+    for label, experts, plan_recipe, parts, sampler in configurations:
+        started = time.perf_counter()
+        if experts is not None:
+            model = load_4bit(folder, experts)
+            print(f"{label}: loaded in {time.perf_counter() - started:.0f} s", flush=True)
+        found, model, step_tokens = measure_configuration(label, model, plan_recipe, batch, lengths, parts,
+                                                          requests, args.steps, sampler)
+        rows += found
+        models.append((label, model, objective_config(plan_recipe.train, model)))
+        gc.collect()
+    shutil.rmtree(folder, ignore_errors=True)  # the saved bf16 copy (2.3 GiB) is no longer needed
+    # speed: unmetered steps, the configurations interleaved round by round (the cores are shared, so contention
+    # hits all three alike); the median of the rounds
+    timings = {(label, key): [] for label, _, _ in models for key in ("off", "on")}
+    for round_ in range(args.speed_rounds):
+        for label, model, objective in models:
+            for key in ("off", "on"):
+                set_checkpointing(model, key == "on")
+                timings[label, key].append(timed_step(model, batch, objective))
+        print(f"  speed round {round_ + 1}/{args.speed_rounds} done", flush=True)
+
+    print(f"\n{'measurement (GiB beyond weights)':60} {'seconds':>8} {'measured':>9} {'estimated':>10} "
+          f"{'ratio':>6}   (with weights: measured / estimated / ratio)")
+    for label, seconds, measured, estimated, weights, planned in rows:
+        print(f"{label:60} {seconds:8.1f} {measured / GIB:9.3f} {estimated / GIB:10.3f} "
+              f"{ratio(estimated, measured):>6}   ({(measured + weights) / GIB:.2f} / {(estimated + planned) / GIB:.2f}"
+              f" / {ratio(estimated + planned, measured + weights)})")
+    print("\nweights (GiB, incl. bitsandbytes' scales): "
+          + "; ".join(f"{label.split(':')[0]} {weights / GIB:.3f} measured, {planned / GIB:.3f} planned"
+                      for label, _, _, _, weights, planned in rows if "checkpointing off" in label))
+    median = {key: statistics.median(values) for key, values in timings.items()}
+    print(f"\ntraining step (LoRA, batch 1; median of {args.speed_rounds} unmetered interleaved rounds; "
+          f"{step_tokens} encoder + decoder tokens per step)")
+    print(f"{'configuration':26} {'ckpt off s':>10} {'tokens/s':>9} {'x bf16':>7} {'ckpt on s':>10} {'tokens/s':>9} "
+          f"{'x bf16':>7}   rounds (off | on)")
+    for label, _, _ in models:
+        cells = []
+        for key in ("off", "on"):
+            seconds = median[label, key]
+            cells.append(f"{seconds:10.1f} {step_tokens / seconds:9.1f} {seconds / median['bf16', key]:6.2f}x")
+        rounds = " | ".join(" ".join(f"{t:.1f}" for t in timings[label, key]) for key in ("off", "on"))
+        print(f"{label:26} {' '.join(cells)}   {rounds}")
 
 
 if __name__ == "__main__":
