@@ -93,14 +93,14 @@ def build_model(config) -> DiffusionGemmaForBlockDiffusion:
     return model.eval()
 
 
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (tied and shared weights once)."""
+    storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
 def weight_bytes(model) -> int:
-    seen, total = set(), 0
-    for tensor in [*model.parameters(), *model.buffers()]:
-        key = tensor.untyped_storage()._cdata
-        if key not in seen:
-            seen.add(key)
-            total += tensor.untyped_storage().nbytes()
-    return total
+    return storage_bytes([*model.parameters(), *model.buffers()])
 
 
 def recipe_at_shape(folder: Path, tokenizer):
@@ -208,13 +208,7 @@ def quantized_weight_bytes(model) -> int:
         tensors.extend(t for t in (state.absmax, state.code, state.offset) if isinstance(t, torch.Tensor))
         if getattr(state, "state2", None) is not None:
             states.append(state.state2)
-    seen, total = set(), 0
-    for tensor in tensors:
-        key = tensor.untyped_storage()._cdata
-        if key not in seen:
-            seen.add(key)
-            total += tensor.untyped_storage().nbytes()
-    return total
+    return storage_bytes(tensors)
 
 
 def ratio(estimated: float, measured: float) -> str:

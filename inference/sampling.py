@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dgemma_ft.plumbing import (PrefixKV, chunk_rows, decoder_masks, encoder_masks, run_decoder, run_encoder,
-                                soft_embedding_rows, softcapped_logits, unwrap_model)
+from dgemma_ft.plumbing import (PrefixKV, decoder_masks, encoder_masks, logit_chunks, run_decoder, run_encoder,
+                                soft_embedding_rows, unwrap_model)
 
 
 @dataclass
@@ -194,7 +194,7 @@ class BlockDiffusionSampler:
         rows = active.shape[0]
         size = self.canvas
         offset = block * size
-        canvas = self._draw(generators, active.tolist(), lambda g: torch.randint(self.vocab, (size,), generator=g, device="cpu"))
+        canvas = self._draw(generators, active.tolist(), self._noise_draw(size))
         pin_mask = torch.zeros(rows, size, dtype=torch.bool, device=device)
         pin_tokens = torch.zeros(rows, size, dtype=torch.long, device=device)
         no_end = torch.zeros(rows, size, dtype=torch.bool, device=device)  # the answer cannot end here
@@ -250,7 +250,7 @@ class BlockDiffusionSampler:
                         budget[row] -= 1
                 flagged &= ~live_pins
                 accept &= ~flagged
-            noise = self._draw(generators, live_ids, lambda g: torch.randint(self.vocab, (size,), generator=g, device="cpu"))
+            noise = self._draw(generators, live_ids, self._noise_draw(size))
             accepted = torch.where(accept, sampled, canvas[live])
             new_canvas = torch.where(accept, accepted, noise)
             stable = (history[:, live] == new_argmax[None]).all(-1).all(0) if c.stability_threshold else \
@@ -277,6 +277,10 @@ class BlockDiffusionSampler:
                                          "pinned": live_pins[k].tolist()})
         return argmax
 
+    def _noise_draw(self, size: int):
+        """A draw of `size` uniformly random vocabulary tokens (the canvas's noise) from a CPU generator."""
+        return lambda generator: torch.randint(self.vocab, (size,), generator=generator, device="cpu")
+
     def _draw(self, generators, indices: list[int], draw) -> torch.Tensor:
         """One draw per example from its own CPU generator (so answers do not depend on the device or the batch),
         stacked and moved to the model's device."""
@@ -295,10 +299,8 @@ class BlockDiffusionSampler:
         argmax = torch.empty_like(sampled)
         entropy = torch.empty(count, dtype=torch.float32, device=flat.device)
         signal = None
-        step = chunk_rows(self.vocab, self.chunk_elements)
-        for begin in range(0, count, step):
-            part = slice(begin, min(begin + step, count))
-            logits = softcapped_logits(self.base, flat[part]) / temperature
+        for part, logits in logit_chunks(self.base, flat, self.chunk_elements):
+            logits = logits / temperature
             if blocked_ids.numel() and no_end[part].any():
                 blocked = torch.zeros_like(logits, dtype=torch.bool)
                 blocked[:, blocked_ids] = True

@@ -13,7 +13,6 @@ from dgemma_ft.finetune.data import BlockCollator, as_block_batch, encode_exampl
 from dgemma_ft.finetune.lora import attach_lora
 from dgemma_ft.finetune.objective import ObjectiveConfig, block_diffusion_loss
 from dgemma_ft.finetune.tiny import TinySpec, build_tiny_model
-from dgemma_ft.inference import sampling
 from dgemma_ft.inference.constraints import special_token_ids
 from dgemma_ft.inference.sampling import BlockDiffusionSampler, Request, SamplerConfig
 
@@ -83,13 +82,13 @@ def test_sampler_never_builds_logits_for_more_positions_than_a_chunk(tiny, monke
     model, tokenizer = tiny
     vocab = model.config.text_config.vocab_size
     seen = []
-    original = sampling.softcapped_logits
+    original = plumbing.softcapped_logits
 
     def spy(base, hidden):
         seen.append(hidden.reshape(-1, hidden.shape[-1]).shape[0])
         return original(base, hidden)
 
-    monkeypatch.setattr(sampling, "softcapped_logits", spy)
+    monkeypatch.setattr(plumbing, "softcapped_logits", spy)
     config = SamplerConfig(max_denoising_steps=3, max_new_tokens=16)
     BlockDiffusionSampler(model, config, chunk_elements=5 * vocab).generate(_requests(tokenizer))
     assert seen and max(seen) == 5  # 4 examples x 8 positions, 5 positions at a time
