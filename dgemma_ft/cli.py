@@ -11,7 +11,8 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from dgemma_ft.errors import UserError
+from dgemma_ft.errors import Interrupted, UserError
+from dgemma_ft.quiet import quiet_known_noise
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune DiffusionGemma (block diffusion) on structured tasks, and check its answers.")
@@ -21,6 +22,7 @@ err = Console(stderr=True)
 SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe field: key.sub=value")]
 DeviceOption = Annotated[Optional[str], typer.Option("--device", help="where the model runs: auto (the GPU when one "
                                                                       "is present), cpu, cuda, cuda:N, mps")]
+INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C (SIGINT)
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 
 
@@ -47,7 +49,15 @@ def train(recipe: Annotated[Path, typer.Argument(help="YAML recipe")],
     if evaluate and loaded.eval.after_train and loaded.task.eval is not None and is_main_process():
         from dgemma_ft.inference.run_eval import run_evaluation
 
+        if _report_is_current(run_dir):  # a finished run resumed: nothing was trained, nothing to re-evaluate
+            console.print(f"evaluation report of these weights: {run_dir / 'eval' / 'report.md'}", highlight=False)
+            return
         run_evaluation(run_dir, console=console, device=device)
+
+
+def _report_is_current(run_dir: Path) -> bool:
+    report, summary = run_dir / "eval" / "report.json", run_dir / "train_summary.json"
+    return report.exists() and summary.exists() and report.stat().st_mtime >= summary.stat().st_mtime
 
 
 @app.command()
@@ -253,16 +263,21 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
         argv.insert(0, "train")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_known_noise()
     _import_backend_first(argv)
     _quiet_library_progress()
     try:
-        app(argv, prog_name="dgemma-ft", standalone_mode=False)
+        # in non-standalone mode click returns (not raises) the exit code, e.g. typer's 130 for Ctrl-C
+        code = app(argv, prog_name="dgemma-ft", standalone_mode=False)
     except UserError as exc:
         err.print(f"[bold red]error[/]: {exc}", highlight=False, soft_wrap=True)
         raise SystemExit(2) from None
+    except Interrupted as exc:
+        err.print(str(exc), style="bold yellow", markup=False, highlight=False, soft_wrap=True)
+        raise SystemExit(INTERRUPTED) from None
     except KeyboardInterrupt:
-        err.print("interrupted; the newest complete checkpoint is kept (continue with --resume)")
-        raise SystemExit(130) from None
+        err.print("interrupted", highlight=False)
+        raise SystemExit(INTERRUPTED) from None
     except typer.Exit as exc:
         raise SystemExit(exc.exit_code) from None
     except Exception as exc:  # click usage errors come through here in non-standalone mode
@@ -274,6 +289,10 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(exc, click.exceptions.Abort):
             raise SystemExit(1) from None
         raise
+    if isinstance(code, int) and code != 0:
+        if code == INTERRUPTED:
+            err.print("interrupted", highlight=False)
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":

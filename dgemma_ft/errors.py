@@ -7,3 +7,7 @@ class UserError(Exception):
 
 class DataError(UserError):
     """A data source that cannot be read or whose rows cannot be used."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a command: the message says what was kept and how to go on; the CLI exits 130."""

@@ -19,10 +19,14 @@ from pathlib import Path
 
 import torch
 
-from dgemma_ft.errors import UserError
+from dgemma_ft.errors import Interrupted, UserError
 from dgemma_ft.finetune.atomic import atomic_dir, atomic_write_text
 from dgemma_ft.finetune.model_loading import free_memory, resolve_device
 from dgemma_ft.finetune.recipe import Recipe
+from dgemma_ft.finetune.run_folder import (RunState, checkpoint_step, claim, clear_unstarted, inspect,
+                                           newest_complete_checkpoint)
+from dgemma_ft.output_paths import require_writable_dir
+from dgemma_ft.quiet import shared_keys_not_missing, shared_parameter_names
 from dgemma_ft.plumbing import temperature_range
 from dgemma_ft.tasks.base import SourceSpec, Task, get_task
 
@@ -72,23 +76,64 @@ def prepare_model(recipe: Recipe):
     return model, loaded.tokenizer, loaded
 
 
-def check_run_dir(run_dir: Path, resume: bool) -> Path | None:
-    """The checkpoint to resume from, or None for a fresh run; refuses to overwrite a finished or started run."""
-    from dgemma_ft.finetune.trainer import newest_checkpoint
-
-    checkpoint = newest_checkpoint(run_dir / "checkpoints")
-    if resume:
-        if checkpoint is None:
-            raise UserError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; start without --resume")
-        return checkpoint
-    if (run_dir / "recipe.yaml").exists() or checkpoint is not None:
-        raise UserError(f"train.output_dir '{run_dir}' already holds a run; pass --resume to continue it, or "
+def plan_run(run_dir: Path, steps: int, resume: bool, say, main_process: bool = True) -> RunState:
+    """What training does with `run_dir`: start fresh, start a run stopped before its first checkpoint again,
+    resume from the newest complete checkpoint, or nothing for a finished run. Refuses to overwrite a run that
+    has checkpoints or a finished model unless `resume`."""
+    state = inspect(run_dir, steps, say if main_process else None, move_aside=main_process)
+    if state.kind == "unstarted":
+        say(f"{run_dir} holds a run stopped before its first checkpoint; starting it again from step 0")
+        if main_process:
+            clear_unstarted(run_dir)
+        return RunState("fresh")
+    if state.kind == "fresh":
+        if resume:
+            say(f"--resume: {run_dir} has no checkpoint yet; starting from step 0")
+        return state
+    if not resume:
+        done = "a finished run" if state.kind == "finished" else f"a run with checkpoints (step {state.step})"
+        raise UserError(f"train.output_dir '{run_dir}' already holds {done}; pass --resume to continue it, or "
                         f"choose another folder with --set train.output_dir=...")
-    return None
+    if state.kind == "finished":
+        say(f"{run_dir} already finished at step {state.step} (train.steps is {steps}); nothing to resume. "
+            f"Train further with --resume --set train.steps=N (N > {state.step}), or evaluate it with "
+            f"`dgemma-ft eval {run_dir}`")
+    elif state.step > steps:
+        raise UserError(f"--resume: {state.checkpoint.name} is already past train.steps ({steps}); give "
+                        f"--set train.steps=N with N > {state.step} to train further")
+    elif state.step == steps:  # stopped between its last checkpoint and the final save: save, don't train
+        say(f"{state.checkpoint.name} reached train.steps; saving the final weights from it")
+        return RunState("save_only", state.checkpoint, state.step)
+    return state
 
 
 def train(recipe: Recipe, resume: bool = False, console=None) -> Path:
-    """Train as the recipe says and return the run folder."""
+    """Train as the recipe says and return the run folder (at once, for a finished run resumed)."""
+    run_dir = Path(recipe.train.output_dir)
+    main_process = is_main_process()
+    say = console.print if console is not None and main_process else (lambda *a, **k: None)
+    lock = None
+    created = not run_dir.exists()
+    if main_process:
+        require_writable_dir(run_dir, "train.output_dir")
+        lock = claim(run_dir)  # before looking inside: a second training into the folder stops here
+    try:
+        state = plan_run(run_dir, recipe.train.steps, resume, say, main_process)
+        if state.kind == "finished":
+            return run_dir
+        if state.kind == "save_only":
+            return save_from_checkpoint(recipe, run_dir, state.checkpoint, say) if main_process else run_dir
+        return _train(recipe, run_dir, state.checkpoint, say)
+    except BaseException:
+        if created and main_process and not (run_dir / "recipe.yaml").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)  # failed before the run began: leave no empty folder
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(recipe: Recipe, run_dir: Path, checkpoint: Path | None, say) -> Path:
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from dgemma_ft.finetune.data import BlockCollator, encode_dataset
@@ -96,12 +141,9 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> Path:
     from dgemma_ft.finetune.trainer import (BlockDiffusionTrainer, JsonlLog, RichProgress, tensorboard_dir,
                                             training_arguments)
 
-    run_dir = Path(recipe.train.output_dir)
-    checkpoint = check_run_dir(run_dir, resume)
     device = training_device(recipe.model.device)
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
-    say = console.print if console is not None and is_main_process() else (lambda *a, **k: None)
 
     data = build_task_data(recipe)
     say(f"[bold]task[/] {recipe.task.name}: {len(data.train)} training examples"
@@ -125,7 +167,7 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> Path:
     args = training_arguments(recipe.train, run_dir, use_cuda, bf16)
     examples_per_step = recipe.train.batch_size * recipe.train.grad_accum * max(1, args.world_size)
     objective = objective_config(recipe.train, loaded.model)
-    resume_step = int(checkpoint.name.split("-")[1]) if checkpoint else 0
+    resume_step = checkpoint_step(checkpoint) if checkpoint else 0
     with tensorboard_dir(run_dir / "logs"):
         trainer = BlockDiffusionTrainer(
             model=model, args=args, train_dataset=encoded, data_collator=BlockCollator(tokenizer.pad_token_id),
@@ -135,7 +177,11 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> Path:
     trainer.remove_callback(ProgressCallback)
 
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    try:
+        with shared_keys_not_missing(model):
+            result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except KeyboardInterrupt:
+        raise Interrupted(_interrupted_message(trainer, run_dir)) from None
     seconds = time.perf_counter() - started
     model = unsharded_for_saving(trainer, model)  # under FSDP: gathers the weights (every process)
     if is_main_process():
@@ -153,6 +199,47 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> Path:
     del trainer, model, loaded
     free_memory()
     return run_dir
+
+
+def save_from_checkpoint(recipe: Recipe, run_dir: Path, checkpoint: Path, say) -> Path:
+    """Write the final adapter/model from a checkpoint at `train.steps` (the Trainer, resumed there, would train
+    one step more). Loads the checkpoint's tensors through the public PEFT / `load_state_dict` paths."""
+    from safetensors.torch import load_file
+
+    files = sorted(checkpoint.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{checkpoint}: no .safetensors weights (a sharded FSDP checkpoint?); resume it with "
+                        f"--set train.steps=N, N > {checkpoint_step(checkpoint)}, to finish through training")
+    tensors = {}
+    for file in files:
+        tensors.update(load_file(str(file)))
+    model, tokenizer, loaded = prepare_model(recipe)
+    if recipe.finetune == "lora":
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, tensors)
+    else:
+        result = model.load_state_dict(tensors, strict=False)
+        unknown = [k for k in result.missing_keys if k not in shared_parameter_names(model)]
+        if unknown or result.unexpected_keys:
+            raise UserError(f"{checkpoint}: its weights do not match the recipe's model ({len(unknown)} missing, "
+                            f"{len(result.unexpected_keys)} unexpected keys); was the recipe changed?")
+    save_final(model, tokenizer, recipe, run_dir, loaded.base_name)
+    shutil.copyfile(checkpoint / "trainer_state.json", run_dir / "trainer_state.json")
+    summary = {"steps": recipe.train.steps, "resumed_from_step": checkpoint_step(checkpoint), "train_seconds": 0.0,
+               "saved_from_checkpoint": checkpoint.name, "base": loaded.base_name}
+    atomic_write_text(run_dir / "train_summary.json", json.dumps(summary, indent=2))
+    say(f"[bold green]saved[/] the final weights of {checkpoint.name}; run folder: {run_dir}")
+    del model, loaded
+    free_memory()
+    return run_dir
+
+
+def _interrupted_message(trainer, run_dir: Path) -> str:
+    kept = newest_complete_checkpoint(run_dir / "checkpoints", move_aside=False)
+    where = (f"{kept.name} is kept; continue with --resume" if kept is not None else
+             "no checkpoint was written yet; the same command starts it again")
+    return f"interrupted at step {trainer.state.global_step}: {where}"
 
 
 def objective_config(train, model):

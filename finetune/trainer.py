@@ -15,9 +15,11 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from dgemma_ft.errors import UserError
+from dgemma_ft.finetune.atomic import atomic_write_text
 from dgemma_ft.finetune.data import as_block_batch
 from dgemma_ft.finetune.distributed import forward_through, prepare_fsdp
 from dgemma_ft.finetune.objective import ObjectiveConfig, block_diffusion_loss
+from dgemma_ft.finetune.run_folder import checkpoints, newest_complete_checkpoint, read_log
 
 STAGING = ".staging"
 # transformers 5.2x renamed `gradient_checkpointing` to `activation_checkpointing`; older 5.x has only the first.
@@ -39,7 +41,7 @@ class BlockDiffusionTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = forward_through(model, lambda: block_diffusion_loss(model, as_block_batch(inputs), self.objective))
         if not torch.isfinite(out.loss):
-            last = newest_checkpoint(self.args.output_dir)
+            last = newest_complete_checkpoint(Path(self.args.output_dir), move_aside=False)
             raise NonFiniteLossError(
                 f"the loss became {float(out.loss.detach())} at step {self.state.global_step + 1}; training stopped before "
                 f"the update. The last good checkpoint is {last or 'none (none was written yet)'}. Lower train.lr, "
@@ -86,8 +88,7 @@ class BlockDiffusionTrainer(Trainer):
 def _rotate(run_dir: Path, keep: int | None) -> None:
     if not keep:
         return
-    checkpoints = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    for old in checkpoints[:-keep]:
+    for old in checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -104,12 +105,6 @@ def tensorboard_dir(path: Path):
             os.environ.pop("TENSORBOARD_LOGGING_DIR", None)
         else:
             os.environ["TENSORBOARD_LOGGING_DIR"] = previous
-
-
-def newest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
-    """The complete checkpoint with the highest step (staging folders are never complete ones)."""
-    found = [p for p in Path(checkpoint_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[1].isdigit()]
-    return max(found, key=lambda p: int(p.name.split("-")[1])) if found else None
 
 
 def training_arguments(train, run_dir: Path, use_cuda: bool, bf16: bool) -> TrainingArguments:
@@ -206,9 +201,8 @@ class JsonlLog(TrainerCallback):
         self.path = path
         self._json = json
         if path.exists() and int(os.environ.get("RANK", "0")) == 0:  # one process rewrites it, not all at once
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
+            kept = [record for record in read_log(path) if record.get("step", 0) <= resume_step]  # torn lines go
+            atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:

@@ -43,7 +43,7 @@ def test_full_training_writes_a_complete_run_folder(tmp_path):
     assert list((run_dir / "logs").glob("**/events.out.tfevents.*")), "TensorBoard events missing"
     resolved = load_recipe(run_dir / "recipe.yaml")
     assert resolved.train.steps == 3
-    with pytest.raises(UserError, match="already holds a run"):
+    with pytest.raises(UserError, match="already holds a finished run"):
         train(recipe)
 
 
@@ -86,9 +86,13 @@ def test_killed_run_resumes_to_the_requested_step(tmp_path):
     assert (run_dir / "model" / "model.safetensors").exists()
 
 
-def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(UserError, match="no checkpoint"):
-        train(small_recipe(tmp_path), resume=True)
+def test_resume_without_checkpoint_starts_from_step_zero_and_says_so(tmp_path):
+    from rich.console import Console
+
+    console = Console(record=True, width=400)
+    run_dir = train(small_recipe(tmp_path, steps=2), resume=True, console=console)
+    assert "has no checkpoint yet; starting from step 0" in console.export_text()
+    assert json.loads((run_dir / "trainer_state.json").read_text())["global_step"] == 2
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
