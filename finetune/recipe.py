@@ -4,20 +4,33 @@ line, key and fix."""
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
+from pydantic_core import PydanticCustomError
 
 from dgemma_ft.errors import UserError
 from dgemma_ft.finetune.tiny import TinySpec
-from dgemma_ft.tasks.base import SourceSpec
+from dgemma_ft.tasks.base import (NumbersNotBooleans, SourceSpec, check_numbers, clean_message, describe_input,
+                                  task_class)
 
 TEXT_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MAX_RECIPE_BYTES = 2**20  # a recipe is a few KB of YAML; a larger file is not one (and is not read whole)
+SEED_MAX = 2**32 - 1  # numpy's seed range: the trainer seeds numpy with train.seed
+# The built-in tiny model is for laptops and tests: sizes past these (and past TINY_MAX_PARAMETERS in all) would
+# take minutes to build or exhaust memory; a larger model belongs in a real checkpoint.
+TINY_LIMITS = {"hidden_size": 4096, "intermediate_size": 16384, "num_hidden_layers": 64, "num_attention_heads": 64,
+               "num_key_value_heads": 64, "head_dim": 512, "global_head_dim": 512, "num_experts": 256,
+               "top_k_experts": 256, "moe_intermediate_size": 16384, "sliding_window": 131072,
+               "sliding_pattern": 64, "canvas_length": 8192, "max_position_embeddings": 131072, "seed": SEED_MAX}
+TINY_MAX_PARAMETERS = 500_000_000  # 2 GB of float32 weights
 
 
-class _Section(BaseModel):
+class _Section(NumbersNotBooleans):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
@@ -39,6 +52,36 @@ class ModelSection(_Section):
             raise ValueError("must name 'tiny', a Hub id or a folder")
         return value
 
+    @field_validator("tiny", mode="before")
+    @classmethod
+    def _tiny_numbers(cls, value: Any) -> Any:
+        check_numbers(TinySpec, value)  # TinySpec is a plain model: give it the recipe's no-booleans rule
+        return value
+
+    @field_validator("tiny")
+    @classmethod
+    def _tiny_sizes(cls, value: TinySpec) -> TinySpec:
+        for name, limit in TINY_LIMITS.items():
+            size = getattr(value, name, None)
+            if isinstance(size, int) and size > limit:
+                raise PydanticCustomError("tiny_too_large", "at most {limit} for the built-in tiny model (got "
+                                          "{size}); for a larger model use a real checkpoint",
+                                          {"limit": f"{limit:,}", "size": size, "field": name})
+        parameters = tiny_parameters(value)
+        if parameters > TINY_MAX_PARAMETERS:
+            raise PydanticCustomError("tiny_too_large", "these sizes make about {count} parameters; the built-in "
+                                      "tiny model takes at most {limit}: lower the sizes, or use a real checkpoint",
+                                      {"count": f"{parameters:,}", "limit": f"{TINY_MAX_PARAMETERS:,}"})
+        return value
+
+
+def tiny_parameters(spec: TinySpec) -> int:
+    """About how many parameters the tiny model has (attention, dense MLP and experts per layer; embeddings)."""
+    head = max(spec.head_dim, spec.global_head_dim)
+    attention = 2 * spec.hidden_size * head * (spec.num_attention_heads + spec.num_key_value_heads)
+    mlp = 3 * spec.hidden_size * (spec.intermediate_size + spec.num_experts * spec.moe_intermediate_size)
+    return spec.num_hidden_layers * (attention + mlp) + 2 * 128 * spec.hidden_size
+
 
 class TaskSection(_Section):
     name: str
@@ -51,7 +94,8 @@ class TaskSection(_Section):
 
 
 class LoraSection(_Section):
-    r: int = Field(16, gt=0)
+    r: int = Field(16, gt=0, le=4096, description="adapter rank; at most 4,096 (wider than released models' "
+                                                  "layers, so a larger rank adapts nothing more)")
     alpha: float = Field(32, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     targets: list[str] = Field(default_factory=lambda: list(TEXT_LINEAR_NAMES))
@@ -59,38 +103,54 @@ class LoraSection(_Section):
     @field_validator("targets")
     @classmethod
     def _targets(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError(f"list at least one of {', '.join(TEXT_LINEAR_NAMES)}")
         unknown = [t for t in value if t not in TEXT_LINEAR_NAMES]
-        if unknown or not value:
-            raise ValueError(f"choose from {', '.join(TEXT_LINEAR_NAMES)} (got {unknown or 'nothing'})")
+        if unknown:
+            raise ValueError(f"'{unknown[0]}' is not a layer LoRA adapts; choose from {', '.join(TEXT_LINEAR_NAMES)}")
         return value
 
 
 class TrainSection(_Section):
-    steps: int = Field(800, gt=0)
+    steps: int = Field(800, gt=0, le=10_000_000, description="optimizer updates; at most 10,000,000 (about 4 "
+                                                             "months at one update a second: more is a typo)")
     lr: float = Field(1.5e-4, gt=0)
     min_lr: float = Field(1.5e-5, ge=0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = Field(25, ge=0)
-    batch_size: int = Field(8, gt=0)
-    grad_accum: int = Field(1, gt=0)
+    batch_size: int = Field(8, gt=0, le=65536, description="examples per device and update; at most 65,536 (no "
+                                                           "accelerator holds more; use grad_accum)")
+    grad_accum: int = Field(1, gt=0, le=65536, description="batches accumulated per update; at most 65,536")
     weight_decay: float = Field(1e-4, ge=0)
     betas: tuple[float, float] = (0.95, 0.99)
     max_grad_norm: float = Field(1.0, gt=0)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="0 to 4,294,967,295 (numpy's seed range)")
     eps: float = Field(1e-3, gt=0, lt=1)
     self_conditioning_p: float = Field(0.5, ge=0, le=1)
     self_conditioning_scale: Literal["raw", "temperature"] = Field(
         "raw", description="feed back raw logits, or logits at the sampler's temperature for the block's noise level")
     ar_weight: float = Field(1.0, ge=0)
     block_selection: Literal["random", "all"] = "random"
-    canvas_samples: int = Field(1, gt=0, description="corruptions per chosen block, sharing one encoder pass")
+    canvas_samples: int = Field(1, gt=0, le=1024, description="corruptions per chosen block, sharing one encoder "
+                                                              "pass; at most 1,024 (each costs a decoder pass)")
     max_blocks: int | None = Field(None, gt=0)
     checkpoint_every: int = Field(200, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
     log_every: int = Field(10, gt=0)
     output_dir: str = "runs/run"
     gradient_checkpointing: bool = False
-    threads: int | None = Field(None, gt=0, description="CPU threads for torch (default: torch's choice)")
+    threads: int | None = Field(None, gt=0, le=4096, description="CPU threads for torch (default: torch's "
+                                                                 "choice); at most this machine's count")
+
+    @field_validator("threads")
+    @classmethod
+    def _threads(cls, value: int | None, info: ValidationInfo) -> int | None:
+        """More threads than CPUs only slows torch down, and absurd counts fail in thread creation at training
+        (MemoryError). Checked for recipes loaded to run here, not for saved run recipes read elsewhere."""
+        machine = os.cpu_count() or 1
+        if value is not None and value > machine and (info.context or {}).get("this_machine"):
+            raise ValueError(f"this machine has {machine} CPU threads; give at most {machine}, or leave threads out")
+        return value
 
     @field_validator("betas")
     @classmethod
@@ -108,15 +168,21 @@ class TrainSection(_Section):
         return self
 
 
+MAX_DENOISING_STEPS = 10_000  # per block; a block is at most a few thousand tokens, each needs at most one step
+MAX_EVAL_BATCH = 65536
+
+
 class EvalSection(_Section):
-    limit: int | None = Field(None, gt=0)
-    steps: list[int] = Field(default_factory=lambda: [48])
-    batch_size: int | Literal["auto"] = Field(64, description="examples per sampler batch, or 'auto': the largest "
-                                                             "that fits (backs off on out-of-memory)")
+    limit: int | None = Field(None, gt=0, le=10_000_000, description="evaluate the first N examples; at most "
+                                                                     "10,000,000")
+    steps: list[int] = Field(default_factory=lambda: [48], description="denoising step counts, each at most 10,000")
+    batch_size: int | Literal["auto"] = Field(64, description="examples per sampler batch (at most 65,536), or "
+                                                             "'auto': the largest that fits (backs off on "
+                                                             "out-of-memory)")
     pin: bool = True
     renoise: bool = True  # measured: +0.5-0.7 points on Dream 4x4 at 4-48 steps (README)
-    max_new_tokens: int | None = Field(None, gt=0)
-    seed: int = 0
+    max_new_tokens: int | None = Field(None, gt=0, le=1_000_000, description="at most 1,000,000 tokens")
+    seed: int = Field(0, ge=-SEED_MAX, le=SEED_MAX, description="-4,294,967,295 to 4,294,967,295")
     after_train: bool = True
 
     @field_validator("steps")
@@ -124,13 +190,16 @@ class EvalSection(_Section):
     def _steps(cls, value: list[int]) -> list[int]:
         if not value or any(s <= 0 for s in value):
             raise ValueError("list positive denoising step counts, e.g. [1, 4, 16, 48]")
+        if max(value) > MAX_DENOISING_STEPS:
+            raise ValueError(f"at most {MAX_DENOISING_STEPS:,} denoising steps per block (a block has at most a "
+                             f"few thousand tokens, and one step can fill each)")
         return value
 
     @field_validator("batch_size")
     @classmethod
     def _batch_size(cls, value: int | str) -> int | str:
-        if value != "auto" and value <= 0:
-            raise ValueError("give a positive number of examples, or 'auto'")
+        if value != "auto" and not 0 < value <= MAX_EVAL_BATCH:
+            raise ValueError(f"give a number of examples from 1 to {MAX_EVAL_BATCH:,}, or 'auto'")
         return value
 
 
@@ -184,22 +253,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe; any problem raises `UserError` with one line saying where and why."""
-    path = Path(path)
-    if not path.exists():
-        shipped = Path(__file__).resolve().parent.parent / "recipes" / path.name
-        if path.parent == Path(".") and shipped.exists():
-            path = shipped
-        else:
-            raise UserError(f"recipe not found: {path} (give the path of a .yaml recipe, e.g. "
-                            f"recipes/sudoku-4x4-tiny.yaml)")
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise UserError(f"{where}: not valid YAML ({problem}); check indentation and quoting") from None
+    path = _recipe_path(Path(path))
+    text = _read_text(path)
+    data = _parse_yaml(text, path)
     if data is None:
         raise UserError(f"{path}: the recipe is empty; it needs at least a 'task:' section with a 'name'")
     if not isinstance(data, dict):
@@ -207,16 +263,133 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
                         f"not a {type(data).__name__}")
     data = apply_overrides(data, overrides or [])
     try:
-        recipe = Recipe(**data)
+        recipe = Recipe.model_validate(data, context={"this_machine": not _is_saved_copy(path)})
     except ValidationError as exc:
         raise UserError(format_validation_error(exc, path, text)) from None
+    _check_columns(recipe, path, text)
     return recipe
+
+
+def _recipe_path(path: Path) -> Path:
+    """The recipe file: as given, or a shipped recipe by bare name; a folder or a missing file is an error."""
+    if path.is_dir():
+        inside = path / "recipe.yaml"
+        hint = f" (its recipe is {inside})" if inside.is_file() else ""
+        raise UserError(f"{path} is a folder; give a .yaml recipe file{hint}")
+    if path.exists():
+        return path
+    shipped = Path(__file__).resolve().parent.parent / "recipes" / path.name
+    if path.parent == Path(".") and shipped.exists():
+        return shipped
+    raise UserError(f"recipe not found: {path} (give the path of a .yaml recipe, e.g. recipes/sudoku-4x4-tiny.yaml)")
+
+
+def _read_text(path: Path) -> str:
+    """The file as text, refusing what is not a small UTF-8 text file (binary data, UTF-16, a huge file)."""
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_RECIPE_BYTES + 1)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the recipe ({exc.strerror or type(exc).__name__})") from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise UserError(f"{path}: larger than {MAX_RECIPE_BYTES // 2**20} MiB, so not a recipe (a recipe is a few "
+                        f"KB of YAML); give a .yaml recipe file")
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise UserError(f"{path}: not a text/YAML file this tool reads (it is UTF-16); save it as UTF-8")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = None
+    if text is None or "\x00" in text:
+        raise UserError(f"{path}: not a text/YAML file (it holds binary data); give a .yaml recipe saved as UTF-8")
+    return text
+
+
+class _KeyProblem(Exception):
+    def __init__(self, line: int, message: str):
+        super().__init__(message)
+        self.line = line
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing what it would let through silently: a key given twice (the last one would
+    win) and a key that is not text (`1:`, `null:`, `yes:` are a number, nothing and a boolean to YAML)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[str, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges; its keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if not isinstance(key, str):
+                shown = getattr(key_node, "value", "") if isinstance(key_node, yaml.ScalarNode) else "?"
+                raise _KeyProblem(line, f"key '{shown}' is read as {_yaml_kind(key)}, not a name; keys are names "
+                                        f"like 'steps' (quote it if it is meant as text)")
+            if key in seen:
+                raise _KeyProblem(line, f"'{key}' is given twice (lines {seen[key]} and {line}); keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_kind(value: Any) -> str:
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, (int, float)):
+        return f"a number ({value})"
+    return f"a {type(value).__name__}"
+
+
+def _parse_yaml(text: str, path: Path) -> Any:
+    try:
+        return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+    except _KeyProblem as exc:
+        raise UserError(f"{path}:{exc.line}: {exc}") from None
+    except RecursionError:
+        raise UserError(f"{path}: nested too deeply to be a recipe; a recipe has a few levels of sections") from None
+    except yaml.reader.ReaderError as exc:
+        code = exc.character if isinstance(exc.character, int) else ord(str(exc.character)[:1] or "\0")
+        raise UserError(f"{path}: not a text/YAML file (control character #x{code:02x} at position {exc.position}); "
+                        f"give a .yaml recipe saved as UTF-8 text") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{where}: not valid YAML ({problem}); check indentation and quoting") from None
+
+
+def _is_saved_copy(path: Path) -> bool:
+    """A run or merged folder's recipe.yaml: checked on the machine that trained it, and read elsewhere (for
+    eval, merge, push, or as a base), so machine-specific limits (train.threads) do not apply."""
+    folder = path.parent
+    return path.name == "recipe.yaml" and any((folder / name).exists() for name in (
+        "adapter", "model", "checkpoints", "logs", "config.json", "train_summary.json", "trainer_state.json"))
+
+
+def _check_columns(recipe: Recipe, path: Path, text: str) -> None:
+    """A `columns:` key naming no field the task reads would be ignored: refuse it here, with its line."""
+    cls = task_class(recipe.task.name)
+    if cls is None:  # an unknown task fails when it is built, with the list of known ones
+        return
+    for split in ("train", "eval"):
+        spec = getattr(recipe.task, split)
+        unknown = cls.unknown_column(spec.columns) if spec is not None else None
+        if unknown is not None:
+            location = ["task", split, "columns", unknown[0]]
+            line = _line_of(text, location)
+            where = f"{path}:{line}" if line else str(path)
+            raise UserError(f"{where}: {'.'.join(location)}: {unknown[1]}")
 
 
 def format_validation_error(exc: ValidationError, path: Path, text: str) -> str:
     """The first pydantic error as `file:line: key.path: what is wrong; how to fix it`."""
     error = exc.errors()[0]
     location = [str(p) for p in error["loc"]]
+    context = error.get("ctx") or {}
+    if context.get("field"):  # a nested check that names the key inside the value it was given
+        location.append(str(context["field"]))
     key = ".".join(location) or "(recipe)"
     line = _line_of(text, location)
     where = f"{path}:{line}" if line else str(path)
@@ -229,10 +402,20 @@ def format_validation_error(exc: ValidationError, path: Path, text: str) -> str:
         return f"{where}: {key}: unknown key; {hint}"
     if kind == "missing":
         return f"{where}: {key}: required but missing; add it to the recipe"
-    message = error["msg"].removeprefix("Value error, ")
-    given = error.get("input")
-    shown = "" if isinstance(given, dict) or given is None else f" (got {given!r})"
-    return f"{where}: {key}: {message}{shown}"
+    message = clean_message(error["msg"])
+    if kind == "less_than_equal":
+        message = _too_large(location, context.get("le"), message)
+    return f"{where}: {key}: {message}{describe_input(error.get('input'), message)}"
+
+
+def _too_large(location: list[str], limit: Any, message: str) -> str:
+    """`at most N (why)`, the why from the field's description, for the bounds that keep runs sane."""
+    parent = _model_at(location[:-1])
+    field = parent.model_fields.get(location[-1]) if parent else None
+    description = field.description if field else None
+    if not description or "at most" not in description or not isinstance(limit, int):
+        return message
+    return f"too large: {description}"
 
 
 def _model_at(location: list[str]) -> type[BaseModel] | None:

@@ -29,15 +29,20 @@ from __future__ import annotations
 import json
 import random
 import re
+import threading
+import time
 import warnings
+from contextlib import contextmanager
 from datetime import date, timedelta
 from functools import lru_cache
 from itertools import islice
 from typing import Any
 
+import regex
 from jsonschema import Draft202012Validator, FormatChecker
 from jsonschema.exceptions import SchemaError
-from jsonschema.validators import validator_for
+from jsonschema.exceptions import ValidationError as SchemaViolation
+from jsonschema.validators import extend, validator_for
 from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
@@ -60,6 +65,11 @@ SHOWN_PATHS = 10  # error paths kept in the verdict's details
 MESSAGE_CHARS = 160  # longest error message kept
 CANDIDATES = 3  # '{' / '[' positions tried when leading prose itself holds brackets
 GENERATE_TRIES = 30  # draws for one example before the prompt budget is declared out of reach
+# A schema's `pattern` runs on every string it covers; a catastrophic one (`(a|a)+$` on 40 a's and a '!') backtracks
+# for minutes in Python's `re`. Patterns run with the `regex` package, which can stop a search: each may take at most
+# PATTERN_SECONDS, and all patterns of one validation together at most PATTERN_BUDGET_SECONDS.
+PATTERN_SECONDS = 0.1
+PATTERN_BUDGET_SECONDS = 0.5
 INSTRUCTION = "Write JSON that follows this schema."
 
 _FORMAT_CHECKER = FormatChecker()
@@ -134,6 +144,90 @@ def validator_class(schema: Any) -> type:
         return Draft202012Validator
 
 
+class PatternTimeout(Exception):
+    """A schema pattern that ran past its time limit (catastrophic backtracking); the message names it."""
+
+
+_deadline = threading.local()
+
+
+@contextmanager
+def pattern_budget(seconds: float = PATTERN_BUDGET_SECONDS):
+    """Bound the time all pattern searches inside the block take together."""
+    _deadline.at = time.monotonic() + seconds
+    try:
+        yield
+    finally:
+        _deadline.at = None
+
+
+@lru_cache(maxsize=4096)
+def _compiled(pattern: str):
+    """The compiled pattern; a pattern `regex` cannot read raises `regex.error` (never run unbounded with `re`)."""
+    return regex.compile(pattern)
+
+
+def pattern_search(pattern: str, text: str) -> bool:
+    """`re.search(pattern, text)` as jsonschema does it, but stopped with `PatternTimeout` after PATTERN_SECONDS
+    (or what is left of the surrounding `pattern_budget`)."""
+    compiled = _compiled(pattern)
+    limit = PATTERN_SECONDS
+    at = getattr(_deadline, "at", None)
+    if at is not None:
+        limit = min(limit, at - time.monotonic())
+    try:
+        if limit <= 0:
+            raise TimeoutError
+        return compiled.search(text, timeout=limit) is not None
+    except TimeoutError:
+        raise PatternTimeout(f"pattern {_short(pattern, 60)!r} takes too long to check (over {PATTERN_SECONDS} s "
+                             f"on a {len(text)}-character string); simplify it") from None
+
+
+def _pattern(validator, pattern, instance, schema):
+    if validator.is_type(instance, "string") and not pattern_search(pattern, instance):
+        yield SchemaViolation(f"{instance!r} does not match {pattern!r}")
+
+
+def _pattern_properties(validator, patterns, instance, schema):
+    if not validator.is_type(instance, "object"):
+        return
+    for pattern, subschema in patterns.items():
+        for key, value in instance.items():
+            if pattern_search(pattern, key):
+                yield from validator.descend(value, subschema, path=key, schema_path=pattern)
+
+
+def _additional_properties(validator, allowed, instance, schema):
+    """jsonschema's `additionalProperties`, with `patternProperties` matched by `pattern_search`."""
+    if not validator.is_type(instance, "object"):
+        return
+    named, patterns = schema.get("properties", {}), list(schema.get("patternProperties", {}))
+    extras = sorted((key for key in instance
+                     if key not in named and not any(pattern_search(p, key) for p in patterns)), key=str)
+    if validator.is_type(allowed, "object"):
+        for key in extras:
+            yield from validator.descend(instance[key], allowed, path=key)
+    elif not allowed and extras:
+        shown = ", ".join(repr(key) for key in extras)
+        if patterns:
+            yield SchemaViolation(f"{shown} {'does' if len(extras) == 1 else 'do'} not match any of the regexes: "
+                                  f"{', '.join(repr(p) for p in sorted(patterns))}")
+        else:
+            yield SchemaViolation(f"Additional properties are not allowed ({shown} "
+                                  f"{'was' if len(extras) == 1 else 'were'} unexpected)")
+
+
+_TIMED_KEYWORDS = {"pattern": _pattern, "patternProperties": _pattern_properties,
+                   "additionalProperties": _additional_properties}
+
+
+@lru_cache(maxsize=None)
+def timed_validator_class(cls: type) -> type:
+    """`cls` with its regular-expression keywords run by `pattern_search` (so they cannot hang)."""
+    return extend(cls, validators={k: f for k, f in _TIMED_KEYWORDS.items() if k in cls.VALIDATORS})
+
+
 @lru_cache(maxsize=1024)
 def _validator(schema_json: str):
     """(validator, None) for a schema text, or (None, reason) when it cannot be used."""
@@ -148,7 +242,7 @@ def _validator(schema_json: str):
         return None, f"the schema is not a valid JSON Schema ({_pointer(exc.absolute_path)}: {_short(exc.message)})"
     except Exception as exc:  # deep or odd schemas
         return None, f"the schema cannot be checked ({type(exc).__name__})"
-    return cls(schema, format_checker=_FORMAT_CHECKER), None
+    return timed_validator_class(cls)(schema, format_checker=_FORMAT_CHECKER), None
 
 
 @lru_cache(maxsize=1024)
@@ -547,6 +641,7 @@ class JsonSchemaTask(Task):
     name = "json"
     Options = JsonSchemaOptions
     description = "Write a JSON instance that follows the given JSON Schema (and states the given facts)."
+    column_fields = tuple(FIELDS)
 
     def default_size(self, split: str) -> int:
         return 5000 if split == "train" else 100
@@ -598,7 +693,10 @@ class JsonSchemaTask(Task):
         if raw_reference is not None and raw_reference != "":
             reference = _json_field(raw_reference, "reference")
             try:
-                errors = list(islice(validator.iter_errors(reference), 1))
+                with pattern_budget():
+                    errors = list(islice(validator.iter_errors(reference), 1))
+            except PatternTimeout as exc:
+                raise RowError(f"the schema's {exc}") from None
             except Exception as exc:  # unresolvable $ref, deep recursion
                 raise RowError(f"the schema cannot be applied to the reference ({type(exc).__name__}: "
                                f"{_short(str(exc), 100)})") from None
@@ -661,7 +759,10 @@ class JsonSchemaTask(Task):
         errors: list = []
         if validator is not None:
             try:
-                errors = list(islice(validator.iter_errors(value), MAX_ERRORS))
+                with pattern_budget():
+                    errors = list(islice(validator.iter_errors(value), MAX_ERRORS))
+            except PatternTimeout as exc:
+                schema_problem = f"the schema's {exc}"
             except RecursionError:
                 schema_problem = "the schema recurses too deeply"
             except Exception as exc:  # unresolvable $ref, a regex Python cannot run, ...

@@ -693,6 +693,7 @@ class MathTask(Task):
     name = "math"
     Options = MathOptions
     description = "math word problems ('#### N' answers, GSM8K style) and countdown expressions"
+    column_fields = ("question", "answer", "final", "numbers", "target_value")
     options: MathOptions
 
     def default_size(self, split: str) -> int:

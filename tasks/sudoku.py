@@ -333,6 +333,7 @@ class SudokuTask(Task):
     name = "sudoku"
     Options = SudokuOptions
     description = "Fill the grid so every row, column and box holds each digit 1..n once."
+    column_fields = ("puzzle", "solution")
 
     @property
     def grid(self) -> Grid:
