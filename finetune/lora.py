@@ -115,16 +115,30 @@ def _retie_wrappers(peft_model, targets=TEXT_LINEAR_NAMES) -> None:
 
 
 # ------------------------------------------------------------------------------------------- adapter folders
+ADAPTER_KEYS = ("peft_type", "r", "target_modules")
+
+
 def read_adapter_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    import pickle
+
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
     file = path / "adapter_model.safetensors"
     if file.exists():
-        return load_file(str(file))
+        try:
+            return load_file(str(file))
+        except (SafetensorError, OSError) as exc:  # a truncated or overwritten file
+            raise UserError(f"{file} is corrupt ({str(exc).splitlines()[0]}); re-train the adapter or restore the "
+                            f"file") from None
     file = path / "adapter_model.bin"
     if file.exists():
-        return torch.load(file, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(file, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as exc:  # a damaged pickle
+            raise UserError(f"{file} is corrupt ({type(exc).__name__}); re-train the adapter or restore the "
+                            f"file") from None
     raise UserError(f"{path}: no adapter_model.safetensors in this folder; point --adapter at a PEFT adapter "
                     f"folder (a run's adapter/ folder)")
 
@@ -143,11 +157,43 @@ def adapter_layout(path: str | Path) -> str:
     return "shared"
 
 
-def adapter_base_name(path: str | Path) -> str | None:
-    config = Path(path) / "adapter_config.json"
-    if not config.exists():
+def read_adapter_config(path: str | Path) -> dict:
+    """adapter_config.json as a dict; a damaged one is reported as damaged (PEFT's own error would read like an
+    adapter trained on another base)."""
+    file = Path(path) / "adapter_config.json"
+    if not file.exists():
         raise UserError(f"{path}: no adapter_config.json; point --adapter at a PEFT adapter folder")
-    return json.loads(config.read_text()).get("base_model_name_or_path")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{file} is corrupt (not a text file); re-train the adapter or restore the file") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{file} is corrupt (not valid JSON, line {exc.lineno}: {exc.msg}); re-train the adapter "
+                        f"or restore the file") from None
+    missing = [key for key in ADAPTER_KEYS if key not in config] if isinstance(config, dict) else list(ADAPTER_KEYS)
+    if missing:
+        raise UserError(f"{file} is corrupt (no {', '.join(missing)}); re-train the adapter or restore the file")
+    return config
+
+
+def adapter_base_name(path: str | Path) -> str | None:
+    return read_adapter_config(path).get("base_model_name_or_path")
+
+
+def check_adapter_folder(path: str | Path, run: str | Path | None = None) -> None:
+    """The adapter folder has a readable config and weights. For a run's own adapter (`run`), a missing one
+    means the run has no trained adapter, which is what the error says."""
+    path = Path(path)
+    if run is not None:
+        weights = [path / name for name in ("adapter_model.safetensors", "adapter_model.bin")]
+        if not path.is_dir() or not any(file.is_file() for file in weights):
+            what = "is missing" if not path.is_dir() else "has no adapter_model.safetensors"
+            raise UserError(f"{path} {what}; the run has no trained adapter (re-train, or point --adapter at one)")
+    read_adapter_config(path)
+    if (path / "adapter_model.safetensors").is_file():
+        from dgemma_ft.finetune.model_loading import check_safetensors_header
+
+        check_safetensors_header(path / "adapter_model.safetensors", "")
 
 
 def load_adapter(model, path: str | Path, trainable: bool = False):
@@ -155,6 +201,7 @@ def load_adapter(model, path: str | Path, trainable: bool = False):
     loaded as plain PEFT does (two adapters per weight)."""
     from peft import PeftModel
 
+    read_adapter_config(path)
     layout = adapter_layout(path)
     check_adapter_base(model, path)
     if layout == "shared":
@@ -190,7 +237,12 @@ def check_adapter_base(model, path: str | Path, fix: str = "load the base it was
     record = Path(path) / BASE_RECORD
     if not record.exists():
         return
-    saved = json.loads(record.read_text())
+    try:
+        saved = json.loads(record.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise UserError(f"{record} is corrupt (not valid JSON); restore it, or delete it to skip the check that "
+                        f"the adapter fits this base") from None
+    saved = saved if isinstance(saved, dict) else {}
     current = base_fingerprint(model)
     if saved.get("fingerprint") and saved["fingerprint"] != current:
         raise UserError(f"{path}: this adapter was trained on base '{saved.get('base')}' (fingerprint "

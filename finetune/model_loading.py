@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import importlib
 import importlib.util
+import re
 import sys
 import warnings
 from dataclasses import dataclass
@@ -36,6 +37,209 @@ class LoadedModel:
 def is_run_folder(path: str | Path) -> bool:
     path = Path(path)
     return (path / "recipe.yaml").is_file() and ((path / "model").is_dir() or (path / "adapter").is_dir())
+
+
+def _is_trained_run_without_result(path: Path) -> bool:
+    """A training run folder whose adapter/ or model/ is gone (deleted, or the run never finished)."""
+    traces = ("checkpoints", "logs", "trainer_state.json", "train_summary.json")
+    return ((path / "recipe.yaml").is_file() and not (path / "config.json").exists() and not is_run_folder(path)
+            and any((path / trace).exists() for trace in traces))
+
+
+def _could_be_hub_id(name: str) -> bool:
+    """`owner/name` that the Hub would accept; anything path-like (./x, /x, ~/x, a\\b, a/b/c, x/) is not."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if name.startswith((".", "/", "~")) or "\\" in name or name.endswith(("/", "\\")) or name.count("/") != 1:
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def model_kind(name: str) -> str:
+    """What `model.name` names: 'tiny', 'run' (a run folder), 'folder' (a saved model) or 'hub' (an id, not looked
+    up). A path that does not exist, or a run folder without its result, is a one-line error."""
+    if name == "tiny":
+        return "tiny"
+    path = Path(name).expanduser()
+    if is_run_folder(path):
+        return "run"
+    if _is_trained_run_without_result(path):
+        raise UserError(missing_run_result(path))
+    if path.is_dir():
+        return "folder"
+    if path.exists():
+        raise UserError(f"model.name '{name}' is a file; point it at the folder that holds config.json and the "
+                        f"weights, a run folder, a Hub id (owner/name), or 'tiny'")
+    if _could_be_hub_id(name):
+        return "hub"
+    raise UserError(f"model.name '{name}': no such folder (it is neither 'tiny', an existing folder, nor a Hub id "
+                    f"owner/name); check the path")
+
+
+def missing_run_result(run: str | Path) -> str:
+    """The message for a run folder without adapter/ or model/: what is missing and what to do."""
+    run = Path(run)
+    lora = _run_finetune(run) != "full"
+    part = run / ("adapter" if lora else "model")
+    if lora:
+        return f"{part} is missing; the run has no trained adapter (re-train, or point --adapter at one)"
+    return f"{part} is missing; the run has no trained weights (re-train it, or resume it with --resume)"
+
+
+def _run_finetune(run: Path) -> str | None:
+    """The run's `finetune` (lora/full) read leniently, for messages only; None if unreadable."""
+    try:
+        data = yaml.safe_load((run / "recipe.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return data.get("finetune") if isinstance(data, dict) else None
+
+
+def require_finished_run(path: str | Path) -> None:
+    """Raise the one-line error for a run folder whose adapter/ or model/ is missing (commands that take a run
+    folder call this before saying the folder is not a run)."""
+    if _is_trained_run_without_result(Path(path).expanduser()):
+        raise UserError(missing_run_result(Path(path).expanduser()))
+
+
+def read_run_recipe(run: str | Path, overrides: list[str] | None = None):
+    """A run folder's recipe.yaml; a damaged one is named as the run's file, with what is wrong."""
+    from dgemma_ft.finetune.recipe import load_recipe
+
+    file = Path(run) / "recipe.yaml"
+    try:
+        return load_recipe(file, overrides)
+    except UnicodeDecodeError:
+        raise UserError(f"run folder '{run}': {file} is not a text (UTF-8) file; restore the recipe the run was "
+                        f"trained with") from None
+    except OSError as exc:
+        raise UserError(f"run folder '{run}': cannot read {file} ({exc.strerror or exc}); restore it") from None
+    except UserError as exc:
+        raise UserError(f"run folder '{run}' has a broken recipe.yaml: {exc}") from None
+
+
+def run_base_chain(run: str | Path) -> list[tuple[Path, object]]:
+    """(run folder, its recipe) from `run` down through every run folder named as a base; a loop is an error."""
+    chain: list[tuple[Path, object]] = []
+    seen: set[Path] = set()
+    current = Path(run).expanduser()
+    while True:
+        key = current.resolve()
+        if key in seen:
+            raise UserError(f"run folder '{chain[-1][0]}': its recipe.yaml names '{current}' as model.name, which "
+                            f"leads back to itself; set model.name there to the base the run was trained on")
+        seen.add(key)
+        recipe = read_run_recipe(current)
+        chain.append((current, recipe))
+        name = recipe.model.name
+        if name == "tiny" or not is_run_folder(Path(name).expanduser()):
+            return chain
+        current = Path(name).expanduser()
+
+
+def run_base_kind(run: Path, name: str) -> str:
+    """`model_kind` of the base a run's recipe.yaml names, with errors saying they come from that file."""
+    try:
+        return model_kind(name)
+    except UserError as exc:
+        raise UserError(f"run folder '{run}': recipe.yaml names a base that cannot be used: {exc}") from None
+
+
+# ------------------------------------------------------------------------------------------- model folders
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def inspect_model_folder(folder: str | Path, label: str | None = None) -> dict:
+    """config.json of a saved DiffusionGemma folder, after checking what `from_pretrained` would fail on late or
+    obscurely: unreadable or foreign config, no (or unreadable) weights, no tokenizer. `label` starts the error."""
+    folder = Path(folder).expanduser()
+    label = label or f"model.name '{folder}'"
+    config = _read_config(folder, label)
+    model_type = config.get("model_type")
+    if model_type != "diffusion_gemma":
+        kind = f"is a {model_type} model, not" if model_type else "has a config.json without model_type: not a"
+        raise UserError(f"{label} {kind} DiffusionGemma; point model.name at a DiffusionGemma checkpoint, "
+                        f"a run folder, or 'tiny'")
+    _check_weights(folder, label)
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError(f"{label} has no tokenizer (tokenizer.json); save it beside the weights "
+                        f"(tokenizer.save_pretrained) or copy it from the base model")
+    return config
+
+
+def _read_config(folder: Path, label: str) -> dict:
+    import json
+
+    file = folder / "config.json"
+    if not file.is_file():
+        raise UserError(f"{label}: folder '{folder}' has no config.json; point it at a saved model folder "
+                        f"(save_pretrained output), a run folder, a Hub id, or 'tiny'")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{label}: {file} is not a text file; restore it or re-save the model") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{label}: {file} is not valid JSON (line {exc.lineno}: {exc.msg}); restore it or re-save "
+                        f"the model with save_pretrained") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{label}: {file} holds a JSON {type(config).__name__}, not a model config; restore it or "
+                        f"re-save the model")
+    return config
+
+
+def _check_weights(folder: Path, label: str) -> None:
+    """Weights are present, every shard an index names exists, and every safetensors header reads."""
+    import json
+
+    files = sorted({f for pattern in WEIGHT_PATTERNS for f in folder.glob(pattern)})
+    if not files:
+        raise UserError(f"{label} has no weights (*.safetensors) in '{folder}'; save the model there with "
+                        f"save_pretrained, or copy its weight files")
+    for index in folder.glob("*.index.json"):
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise UserError(f"{label}: {index} is damaged (no readable weight_map); restore it") from None
+        missing = sorted(s for s in shards if not (folder / s).is_file())
+        if missing:
+            raise UserError(f"{label}: {len(missing)} weight file(s) named in {index.name} are missing "
+                            f"({', '.join(missing[:3])}); finish copying or downloading the model")
+    for file in files:
+        if file.suffix == ".safetensors":
+            check_safetensors_header(file, label)
+
+
+def check_safetensors_header(file: Path, label: str = "") -> None:
+    """The header of a safetensors file reads (a truncated or overwritten file fails here, not mid-load)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            handle.keys()
+    except (SafetensorError, OSError) as exc:
+        where = f"{label}: " if label else ""
+        raise UserError(f"{where}{file} is damaged ({str(exc).splitlines()[0]}); restore it, or re-save what "
+                        f"it holds") from None
+
+
+def check_backend(section: ModelSection) -> None:
+    """`backend: unsloth` needs a CUDA GPU, the package, and a Hub id or saved folder: say so before any work."""
+    if section.backend != "unsloth":
+        return
+    if not torch.cuda.is_available():
+        raise UserError("model.backend: unsloth needs a CUDA GPU (NVIDIA), and none is visible here; use "
+                        "backend: peft on this machine")
+    if importlib.util.find_spec("unsloth") is None:
+        raise UserError("model.backend: unsloth is not installed: pip install 'dgemma-ft[unsloth]' (it pins "
+                        "transformers<=5.17), or use backend: peft")
+    if section.name == "tiny" or is_run_folder(Path(section.name).expanduser()):
+        raise UserError("model.backend: unsloth loads Hub ids and saved model folders only; use backend: peft "
+                        "for 'tiny' and run folders")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -80,29 +284,37 @@ def load_model(section: ModelSection, merge_adapter: bool = True) -> LoadedModel
     """The model and tokenizer for `section`, on `section.device`; errors say what to change. A run folder's
     adapter is merged in memory (so a new adapter can go on top) unless `merge_adapter` is False (evaluation runs it
     as it is)."""
+    kind = preflight(section)
     dtype = resolve_dtype(section.dtype)
     if section.backend == "unsloth":  # Unsloth places the model itself (on the GPU)
         return _load_unsloth(section, dtype)
     device = resolve_device(section.device)
     name = section.name
-    if name == "tiny":
+    if kind == "tiny":
         from dgemma_ft.finetune.tiny import build_tiny_model
 
         model, tokenizer = build_tiny_model(section.tiny)
         model.to(device=device, dtype=dtype)
         _set_attention(model, section.attn_implementation)
         return LoadedModel(model, tokenizer, source="tiny", base_name="tiny")
-    if is_run_folder(name):
-        return _load_run_folder(Path(name), section, dtype, merge_adapter)
-    path = Path(name).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise UserError(f"model.name: folder '{name}' has no config.json; point it at a saved model folder "
-                            f"(save_pretrained output), a run folder, a Hub id, or 'tiny'")
-        return _load_pretrained(str(path), section, dtype)
-    if name.count("/") == 1 and not name.startswith((".", "/")):
-        return _load_pretrained(name, section, dtype)
-    raise UserError(f"model.name: '{name}' is neither 'tiny', an existing folder, nor a Hub id (owner/name)")
+    if kind == "run":
+        return _load_run_folder(Path(name).expanduser(), section, dtype, merge_adapter)
+    if kind == "folder":
+        return _load_pretrained(str(Path(name).expanduser()), section, dtype)
+    return _load_pretrained(name, section, dtype)
+
+
+def preflight(section: ModelSection) -> str:
+    """The checks `load_model` starts with, cheap enough to run before any other work (no weights are read):
+    the backend fits this machine, the name exists, a folder holds a DiffusionGemma checkpoint, a run folder's
+    recipes read without a loop. Returns `model_kind`."""
+    check_backend(section)
+    kind = model_kind(section.name)
+    if kind == "folder":
+        inspect_model_folder(section.name, f"model.name '{section.name}'")
+    elif kind == "run":
+        run_base_chain(section.name)
+    return kind
 
 
 def _set_attention(model, implementation: str) -> None:
@@ -138,12 +350,18 @@ def _load_pretrained(name: str, section: ModelSection, dtype: torch.dtype) -> Lo
                   device_map={"": "cpu" if staged else str(device)})
     if quantization is not None:
         kwargs["quantization_config"] = quantization
+    held: list = []
     try:
-        model = DiffusionGemmaForBlockDiffusion.from_pretrained(name, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(name, revision=section.revision)
-    except OSError as exc:
+        with _held_transformers_logs(held):
+            model = DiffusionGemmaForBlockDiffusion.from_pretrained(name, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(name, revision=section.revision)
+    except torch.OutOfMemoryError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
         if Path(name).exists():
-            raise UserError(f"model.name: cannot load '{name}': {str(exc).splitlines()[0]}") from None
+            raise UserError(_local_load_error(name, exc, held)) from None
+        if not isinstance(exc, OSError):
+            raise
         raise UserError(f"model.name: cannot fetch '{name}' from the Hugging Face Hub (offline, no access, or a "
                         f"wrong id). Download it where the Hub is reachable (`hf download {name} --local-dir "
                         f"DIR`) and set model.name to that local folder") from None
@@ -156,6 +374,53 @@ def _load_pretrained(name: str, section: ModelSection, dtype: torch.dtype) -> Lo
         else:
             quantize_experts(model)  # the 3-D expert tensors, which bitsandbytes' loader leaves in 16-bit
     return LoadedModel(model, tokenizer, source=name, base_name=name)
+
+
+def _local_load_error(name: str, exc: Exception, held: list) -> str:
+    """One line for a local folder that `from_pretrained` refused; a shape mismatch names its first tensor (from
+    the load report transformers logged, which is dropped, not printed)."""
+    for record in held:
+        for row in record.getMessage().splitlines():
+            if "MISMATCH" in row and "ckpt:" in row:
+                key, shapes = row.split("|")[0].strip(), re.findall(r"\[[^\]]*\]", row.split("ckpt:")[1])
+                sizes = f"{shapes[0]} in the weights, {shapes[1]} per config.json" if len(shapes) == 2 else "size"
+                return (f"model.name '{name}': its weights do not match its config.json ({key}: {sizes}); was "
+                        f"config.json edited or copied from another model? Restore it or re-save the model")
+    return (f"model.name: cannot load '{name}': {type(exc).__name__}: {(str(exc) or '?').splitlines()[0]}; its "
+            f"config.json and weights do not fit together (re-save the model, or restore its files)")
+
+
+class _held_transformers_logs:
+    """Hold transformers' log records while a model loads: a failed load becomes one error line (not a report
+    table above it); after a successful one the records are logged as usual."""
+
+    def __init__(self, held: list):
+        import logging
+
+        self.held = held
+        self.logger = logging.getLogger("transformers")
+
+    def __enter__(self):
+        import logging
+
+        held = self.held
+
+        class Hold(logging.Handler):
+            def emit(self, record):
+                held.append(record)
+
+        self.handlers = self.logger.handlers[:]
+        self.logger.handlers = [Hold()]
+        return self
+
+    def __exit__(self, kind, value, traceback):
+        self.logger.handlers = self.handlers
+        if kind is None:
+            for record in self.held:
+                for handler in self.handlers:
+                    if record.levelno >= handler.level:
+                        handler.handle(record)
+        return False
 
 
 def _stage_on_cpu(device: torch.device) -> bool:
@@ -199,18 +464,18 @@ def _share_after_quantization(model) -> None:
 def _load_run_folder(path: Path, section: ModelSection, dtype: torch.dtype, merge: bool = True) -> LoadedModel:
     """A finished run: full weights in model/, or its base (from its recipe) plus the adapter in adapter/,
     merged in memory so a new adapter can go on top."""
-    from dgemma_ft.finetune.recipe import load_recipe
-
+    run_recipe = read_run_recipe(path)
     if (path / "model").is_dir():
-        run_recipe = load_recipe(path / "recipe.yaml")
+        inspect_model_folder(path / "model", f"run folder '{path}': model/")
         inner = section.model_copy(update={"name": str(path / "model")})
         loaded = _load_pretrained(str(path / "model"), inner, dtype)
         loaded.source = str(path)
         loaded.base_name = run_recipe.model.name if run_recipe.model.name != "tiny" else str(path)
         return loaded
-    from dgemma_ft.finetune.lora import load_adapter, merge_shared
+    from dgemma_ft.finetune.lora import check_adapter_folder, load_adapter, merge_shared
 
-    run_recipe = load_recipe(path / "recipe.yaml")
+    check_adapter_folder(path / "adapter", run=path)
+    run_base_kind(path, run_recipe.model.name)
     base = load_model(run_recipe.model.model_copy(update={"dtype": section.dtype, "device": section.device}))
     adapted = load_adapter(base.model, path / "adapter")
     model = merge_shared(adapted) if merge else adapted
@@ -221,14 +486,7 @@ def _load_unsloth(section: ModelSection, dtype: torch.dtype) -> LoadedModel:
     """Unsloth's loader (fast kernels, its 4-bit path) when it is installed and a GPU is present. Unsloth patches
     transformers when it is imported, so `dgemma-ft` imports it first (`import_backend_first`); the kit then points
     the decoder at the encoder's (separately quantized) linears so one shared adapter serves both passes."""
-    if not torch.cuda.is_available():
-        raise UserError("model.backend: unsloth needs a CUDA GPU; use backend: peft on this machine")
-    if importlib.util.find_spec("unsloth") is None:
-        raise UserError("model.backend: unsloth is not installed: pip install 'dgemma-ft[unsloth]' (it pins "
-                        "transformers<=5.17), or use backend: peft")
-    if section.name == "tiny" or is_run_folder(section.name):
-        raise UserError("model.backend: unsloth loads Hub ids and saved model folders only; use backend: peft "
-                        "for 'tiny' and run folders")
+    check_backend(section)
     if "unsloth" not in sys.modules and "transformers" in sys.modules:
         warnings.warn("unsloth is imported after transformers, so its patches may not apply: import unsloth first "
                       "(the dgemma-ft command does this for recipes with model.backend: unsloth)", stacklevel=2)

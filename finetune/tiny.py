@@ -7,7 +7,7 @@ from __future__ import annotations
 import string
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # Gemma-style ids for the specials, so pad/eos/bos sit where the released model has them.
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<|turn>", "<turn|>"]
@@ -44,13 +44,42 @@ class TinySpec(BaseModel):
     max_position_embeddings: int = Field(4096, gt=0)
     seed: int = 0
 
+    @field_validator("head_dim", "global_head_dim")
+    @classmethod
+    def _even(cls, value: int) -> int:
+        if value % 2:
+            raise ValueError(f"must be even (rotary embeddings rotate channel pairs), e.g. {value + 1}")
+        return value
+
+    @field_validator("hidden_size", "moe_intermediate_size")
+    @classmethod
+    def _multiple_of_8(cls, value: int) -> int:
+        lower = value - value % 8
+        if value % 8:
+            raise ValueError(f"must be a multiple of 8 (the grouped expert matmuls need 16-byte rows), e.g. "
+                             f"{f'{lower} or ' if lower else ''}{lower + 8}")
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> TinySpec:
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        heads, kv = self.num_attention_heads, self.num_key_value_heads
+        fits = " or ".join(str(k) for k in range(1, heads + 1) if heads % k == 0 and heads % global_kv_heads(k) == 0)
+        if heads % kv:
+            raise ValueError(f"num_attention_heads must be a multiple of num_key_value_heads; use "
+                             f"num_key_value_heads {fits}")
+        if heads % global_kv_heads(kv):
+            raise ValueError(f"num_key_value_heads {kv} does not fit num_attention_heads {heads}: the global layers' "
+                             f"key/value heads (half of it, {global_kv_heads(kv)}) must divide num_attention_heads "
+                             f"too; use num_key_value_heads {fits}")
         if self.top_k_experts > self.num_experts:
             raise ValueError("top_k_experts cannot exceed num_experts")
         return self
+
+
+def global_kv_heads(num_key_value_heads: int) -> int:
+    """Key/value heads of the full-attention layers: half the sliding layers' (at least one), as `tiny_config`
+    sets them."""
+    return max(1, num_key_value_heads // 2)
 
 
 def build_tiny_tokenizer():
@@ -82,7 +111,7 @@ def tiny_config(spec: TinySpec, vocab_size: int, image_token_id: int = 3):
         vocab_size=vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_hidden_layers, num_attention_heads=spec.num_attention_heads,
         num_key_value_heads=spec.num_key_value_heads, head_dim=spec.head_dim,
-        global_head_dim=spec.global_head_dim, num_global_key_value_heads=max(1, spec.num_key_value_heads // 2),
+        global_head_dim=spec.global_head_dim, num_global_key_value_heads=global_kv_heads(spec.num_key_value_heads),
         sliding_window=spec.sliding_window, num_experts=spec.num_experts, top_k_experts=spec.top_k_experts,
         moe_intermediate_size=spec.moe_intermediate_size, max_position_embeddings=spec.max_position_embeddings,
         layer_types=layer_types, pad_token_id=0, eos_token_id=1, bos_token_id=2,
@@ -104,8 +133,24 @@ def build_tiny_model(spec: TinySpec | None = None, tokenizer=None):
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(spec.seed)
         model = DiffusionGemmaForBlockDiffusion(config)
+        probe_forward(model)
     end_of_turn = tokenizer.convert_tokens_to_ids(END_OF_TURN)
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, end_of_turn]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     return model, tokenizer
+
+
+def probe_forward(model) -> None:
+    """One forward over a few tokens, so sizes the model class accepts but cannot run fail here, before a run
+    folder exists, as one line (not at the first training step, as a traceback)."""
+    ids = torch.full((1, 4), model.config.text_config.bos_token_id or 0, dtype=torch.long)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+        from dgemma_ft.errors import UserError
+
+        reason = (str(exc) or type(exc).__name__).splitlines()[0]
+        raise UserError(f"model.tiny: DiffusionGemma cannot run these sizes ({reason}); change the model.tiny "
+                        f"sizes (e.g. back to the defaults)") from None
