@@ -132,9 +132,18 @@ def eval_command(
         batch_size: Annotated[Optional[str], typer.Option("--batch-size", help="examples per batch, or auto (the "
                                                                              "largest that fits)")] = None,
         seed: Annotated[Optional[int], typer.Option(help="sampling seed")] = None,
-        out: Annotated[Optional[Path], typer.Option(help="report folder (default: TARGET/eval)")] = None,
+        out: Annotated[Optional[Path], typer.Option(help="report folder (default: TARGET/eval for the recipe's "
+                                                         "evaluation, TARGET/evals/NAME for a partial one)")] = None,
         device: DeviceOption = None):
-    """Evaluate a model on its task and write eval/report.md, report.json, predictions.jsonl and plots."""
+    """Evaluate a model on its task and write report.md, report.json, predictions.jsonl and plots.
+
+    The recipe's evaluation (task.eval, eval.limit, eval.steps/pin/renoise/seed) writes TARGET/eval: the card shows it.
+
+    Partial: --adapter, --data, --limit below the set, --steps/--pin/--renoise/--seed unlike the recipe, --compare.
+
+    A partial one writes TARGET/evals/NAME (e.g. evals/limit-2_steps-1), unless --out says where; TARGET/eval stays.
+
+    --base (adds the base model's rows), --batch-size and --device keep an evaluation full."""
     from dgemma_ft.inference.run_eval import run_evaluation
 
     if limit is not None and limit <= 0:
@@ -158,17 +167,21 @@ def generate(
         prompt: Annotated[Optional[str], typer.Option(help="a free-text prompt")] = None,
         example: Annotated[Optional[int], typer.Option(help="answer example N of the eval data, with its verdict")]
         = None,
-        steps: Annotated[Optional[int], typer.Option(help="max denoising steps per block")] = None,
+        steps: Annotated[Optional[int], typer.Option(help="max denoising steps per block (default: the "
+                                                          "recipe's largest eval.steps)")] = None,
         pin: Annotated[bool, typer.Option("--pin/--no-pin")] = True,
         renoise: Annotated[bool, typer.Option("--renoise/--no-renoise")] = False,
         seed: Annotated[int, typer.Option()] = 0,
-        trace: Annotated[Optional[str], typer.Option(help="save the denoising trace as PNG (or .gif)")] = None,
+        trace: Annotated[Optional[str], typer.Option(help="save the denoising trace: a .png or .gif file")]
+        = None,
         data: Annotated[Optional[str], typer.Option(help="data for --example (default: the recipe's eval)")] = None,
         adapter: Annotated[Optional[str], typer.Option(help="a PEFT adapter on the base")] = None,
         device: DeviceOption = None):
     """Answer one prompt and print the answer (and its verdict for --example)."""
     from dgemma_ft.inference.run_eval import generate_one
 
+    if steps is not None and steps <= 0:
+        raise UserError(f"--steps {steps}: --steps must be a positive number of denoising steps, e.g. --steps 16")
     result = generate_one(target, prompt=prompt, example=example, steps=steps, pin=pin, renoise=renoise, seed=seed,
                           trace=trace, data=data, adapter=adapter, device=_device(device))
     console.print(f"[bold]prompt[/]\n{result['prompt']}", highlight=False)

@@ -33,6 +33,7 @@ import torch
 
 from dgemma_ft.errors import UserError
 from dgemma_ft.finetune.atomic import atomic_dir
+from dgemma_ft.output_paths import require_writable_dir
 
 MERGE_RECORD = "dgemma_ft_merge.json"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -79,15 +80,22 @@ def resolve_run_folder(source: str | Path) -> Path:
 
 
 def check_output(out: Path, run: Path, force: bool) -> None:
+    """Refuse, before anything loads, an --out that --force would let replace the run (or a part of it, or a folder
+    holding it), or that cannot be written. Symlinks and '..' are resolved first."""
     out_r, run_r = out.resolve(), run.resolve()
-    if out_r == run_r or out_r in run_r.parents or out_r in (run_r / "adapter", run_r / "model"):
-        raise UserError(f"--out {out}: this would overwrite the run folder '{run}'; choose a new folder, e.g. "
+    if out_r == run_r or out_r in run_r.parents or run_r in out_r.parents:
+        where = "it is" if out_r == run_r else "it contains" if out_r in run_r.parents else "it is inside"
+        raise UserError(f"--out {out}: this would overwrite the run folder '{run}' ({where} the run folder, "
+                        f"with its adapter, weights and checkpoints); choose a folder outside it, e.g. "
                         f"--out {run}-merged")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: a file with this name exists; choose another --out")
     if out.exists() and not force:
         raise UserError(f"--out {out}: the folder already exists; pass --force to replace it, or choose another "
                         f"--out")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: a file with this name exists; choose another --out")
+    require_writable_dir(out, "--out")
+    if out.exists():  # replacing it renames it away: its parent must be writable too
+        require_writable_dir(out.parent, "--out")
 
 
 def _is_hub_id(name: str | None) -> bool:

@@ -159,10 +159,44 @@ def _results(info: CardInfo) -> list[str]:
     lines = ["## Evaluation", "", f"Task `{report.get('task', info.task)}`{where}{count}{seed}. A row per model "
              "and sampler setting: *denoising steps* is the most refinement passes per block, *pin* holds the "
              "task's known tokens, *renoise* sends tokens the task's validator flags back to noise.", ""]
+    lines += [evaluation_line(report), ""]
     if info.eval_source:
         lines += [f"Measured with {KIT} on {info.eval_source}.", ""]
     lines += [eval_table(report), ""]
     return lines
+
+
+def is_full_evaluation(report: dict | None) -> bool:
+    """Whether report.json says it is the recipe's full evaluation (reports before the record count as unknown,
+    not full)."""
+    return bool(report) and (report.get("evaluation") or {}).get("scope") == "full"
+
+
+def evaluation_line(report: dict) -> str:
+    """Which evaluation the card shows, from report.json's own record, so a reader never mistakes a quick
+    `eval --limit 2` for the model's score."""
+    record = report.get("evaluation")
+    if not record:
+        return ("Evaluation: this report does not record whether it covers the recipe's full eval set (an older "
+                f"{KIT} wrote it); run `{KIT} eval` on the run folder to measure the full set.")
+    data = f"`{report['data']}`, " if report.get("data") else ""
+    examples = record.get("examples", report.get("examples"))
+    settings = (f"denoising steps {', '.join(str(s) for s in record.get('steps', []))}, pin "
+                f"{_both_or(record.get('pin'))}, renoise {_both_or(record.get('renoise'))}, sampling seed "
+                f"{record.get('seed')}")
+    written = f"written by {record.get('written_by', KIT)}" + (f" on {record['date'][:10]}" if record.get("date")
+                                                              else "")
+    if record.get("scope") == "full":
+        return f"Evaluation: the recipe's full eval set ({data}{examples} examples), {settings}; {written}."
+    of_full = f" of {record['full_examples']}" if record.get("full_examples") else ""
+    return (f"Evaluation: a partial evaluation ({', '.join(record.get('differences', []))}) on {data}{examples}"
+            f"{of_full} examples, {settings}; {written}. It is not the recipe's full evaluation: run `{KIT} eval` "
+            f"on the run folder to measure that.")
+
+
+def _both_or(values) -> str:
+    values = list(values or [])
+    return "on and off" if len(values) > 1 else _on_off(values[0]) if values else "-"
 
 
 def _training(info: CardInfo) -> list[str]:

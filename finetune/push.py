@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -23,11 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dgemma_ft.errors import UserError
-from dgemma_ft.finetune.model_card import CardInfo, build_card, datasets_of, final_logged_loss, license_for
+from dgemma_ft.finetune.model_card import (CardInfo, build_card, datasets_of, final_logged_loss, is_full_evaluation,
+                                           license_for)
 
 LOGIN_HELP = ("not logged in to the Hugging Face Hub: run `hf auth login` (or set HF_TOKEN to a token with write "
               "access, or pass --token), then push again; --dry-run shows what would be pushed without a token")
-_REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
 
 
 @dataclass
@@ -56,6 +55,25 @@ class PushResult:
     revision: str | None = None
     commit_url: str | None = None
     replaced: list[str] = field(default_factory=list)  # files the repo already held (pushed with force)
+
+
+def check_repo_id(repo: str | None) -> str:
+    """`owner/name` as the Hub accepts it, checked before anything is read or uploaded (the Hub would refuse it
+    only after the card and the file list were built, or create a repo in the wrong namespace)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    fix = "give owner/name, e.g. --repo your-name/sudoku-dgemma"
+    if not repo or repo.count("/") != 1:
+        raise UserError(f"--repo {repo!r}: {fix} (exactly one '/', your user or organisation name first)")
+    try:
+        validate_repo_id(repo)
+    except HFValidationError as exc:
+        reason = str(exc).split(":")[0].split(". ")[0].rstrip(".")
+        raise UserError(f"--repo {repo!r}: the Hub refuses this id ({reason}); {fix}: letters, digits, '-', '_' "
+                        f"and '.', not starting or ending with '-' or '.', no '--' or '..', at most 96 "
+                        f"characters each") from None
+    return repo
 
 
 # -------------------------------------------------------------------------------------------------- planning
@@ -180,11 +198,11 @@ def plan_push(folder: str | Path, repo: str, adapter_only: bool = False) -> Push
             run = Path(source)
             info.train_summary = _read_json(run / "train_summary.json")
             info.final_loss = final_logged_loss(run / "logs" / "train_log.jsonl")
-            if info.eval_report is None:
-                info.eval_report = _read_json(run / "eval" / "report.json")
-                if info.eval_report is not None:
-                    info.eval_source = "the run before merging" + (
-                        " (a shared adapter folds exactly, up to the saved precision)" if layout == "shared" else "")
+            run_report = _read_json(run / "eval" / "report.json")
+            if _prefer_run_report(info.eval_report, run_report):
+                info.eval_report = run_report
+                info.eval_source = "the run before merging" + (
+                    " (a shared adapter folds exactly, up to the saved precision)" if layout == "shared" else "")
         return PushPlan(kind, path, _top_level_files(path), build_card(info))
 
     if (path / "adapter_config.json").is_file():  # a bare PEFT adapter folder
@@ -195,6 +213,14 @@ def plan_push(folder: str | Path, repo: str, adapter_only: bool = False) -> Push
 
     raise UserError(f"push: '{folder}' is neither a run folder (recipe.yaml + adapter/ or model/), a model folder "
                     f"(config.json) nor an adapter folder (adapter_config.json)")
+
+
+def _prefer_run_report(own: dict | None, run_report: dict | None) -> bool:
+    """A merged folder's card shows its own report, unless there is none or it is partial while the run's is the
+    full evaluation: a partial report never wins over a full one."""
+    if run_report is None:
+        return False
+    return own is None or (is_full_evaluation(run_report) and not is_full_evaluation(own))
 
 
 # -------------------------------------------------------------------------------------------------- uploading
@@ -236,8 +262,7 @@ def push(folder: str | Path, repo: str, private: bool = False, adapter_only: boo
          endpoint: str | None = None, say: Callable[[str], None] | None = None) -> PushResult:
     """Upload `folder` (see the module docstring) with a model card to the Hub repo `repo`."""
     say = say or (lambda message: None)
-    if not _REPO_ID.match(repo or ""):
-        raise UserError(f"--repo {repo!r}: give a Hub model id such as your-name/model-name")
+    check_repo_id(repo)
     plan = plan_push(folder, repo, adapter_only)
     files = plan.files
     if dry_run:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 
+from dgemma_ft.errors import UserError
 from dgemma_ft.finetune.data import prompt_ids
 from dgemma_ft.inference.constraints import pinned_tokens, special_token_ids, violation_checker
 from dgemma_ft.inference.sampling import Request, SamplerConfig
@@ -66,6 +67,30 @@ def make_requests(task, examples: list[dict], tokenizer, seed: int) -> list[Requ
                                 pinned=pinned_tokens(task, example, tokenizer),
                                 violations=violation_checker(task, example, tokenizer)))
     return requests
+
+
+def position_limit(model) -> int | None:
+    """How many positions the model reads (`max_position_embeddings` of its text config), if it says."""
+    from dgemma_ft.plumbing import unwrap_model
+
+    config = unwrap_model(model).config
+    value = getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
+    return int(value) if value else None
+
+
+def answer_room(max_new_tokens: int, canvas: int) -> int:
+    """Positions the sampler appends after the prompt: whole canvases, up to `max_new_tokens`."""
+    return max(1, -(-max_new_tokens // canvas)) * canvas
+
+
+def check_prompt_fits(tokens: int, room: int, limit: int | None, what: str, fix: str = "shorten it") -> None:
+    """Refuse a prompt that, with the answer's room, passes the model's position limit: the sampler's masks grow
+    with the square of the length, so an over-long prompt asks for gigabytes to terabytes before it fails."""
+    if limit is None or tokens + room <= limit:
+        return
+    raise UserError(f"{what} is {tokens:,} tokens; the model reads at most {limit:,} positions "
+                    f"(max_position_embeddings), {room:,} of them kept for the answer, so a prompt may have at most "
+                    f"{max(limit - room, 0):,} tokens; {fix}")
 
 
 def _givens_kept(task, example: dict, output: str) -> bool | None:

@@ -67,13 +67,21 @@ def markdown(report: dict) -> str:
              f"Task `{report.get('task')}` on `{report.get('data')}` ({report.get('examples')} examples). "
              f"Sampler: entropy bound {report['sampler'].get('entropy_bound')}, temperature "
              f"{report['sampler'].get('t_max')} -> {report['sampler'].get('t_min')}, seed {report.get('seed')}.", "",
-             markdown_table(report["results"]), ""]
+             *_scope_lines(report.get("evaluation")), markdown_table(report["results"]), ""]
     plots = report.get("plots", {})
     for name, title in (("solve_rate", "Solve rate vs denoising steps"), ("training_loss", "Training loss"),
                         ("trace", "One generation, step by step")):
         if name in plots:
             parts += [f"## {title}", "", f"![{title}]({plots[name]})", ""]
     return "\n".join(parts)
+
+
+def _scope_lines(evaluation: dict | None) -> list[str]:
+    """Say up front when a report is not the recipe's full evaluation (a reader compares numbers across runs)."""
+    if not evaluation or evaluation.get("scope") != "partial":
+        return []
+    return [f"**Partial evaluation** ({', '.join(evaluation.get('differences', []))}): not the recipe's full "
+            f"evaluation, which `dgemma-ft eval` without these options writes to the target's eval/ folder.", ""]
 
 
 def _write_png(path: Path, figure) -> str:

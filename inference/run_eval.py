@@ -4,14 +4,16 @@ folder, optionally an adapter and the base beside it), run every setting, and wr
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dgemma_ft.errors import UserError
+from dgemma_ft.output_paths import require_writable_dir, require_writable_file
 from dgemma_ft.finetune.model_loading import free_memory, is_run_folder
 from dgemma_ft.finetune.recipe import Recipe, load_recipe
-from dgemma_ft.inference.evaluate import Setting, evaluate_setting
+from dgemma_ft.inference.evaluate import Setting, answer_room, check_prompt_fits, evaluate_setting, position_limit
 from dgemma_ft.inference.report import write_report
 from dgemma_ft.tasks.base import SourceSpec, get_task
 
@@ -27,6 +29,7 @@ class EvalTarget:
     load_base: Callable[[], tuple] | None
     training_log: Path | None
     kind: str = "trained"  # how the report names the model under test: trained, adapter, merged, base
+    keep_out: list[tuple[Path, bool]] = field(default_factory=list)  # (folder, and its inside?) reports avoid
 
 
 def _loader(section, merge_adapter: bool = False, adapter: str | None = None):
@@ -53,6 +56,24 @@ def _load_recipe_on(path: Path, device: str | None) -> Recipe:
 
 def resolve_target(target: str | Path, adapter: str | None = None, device: str | None = None) -> EvalTarget:
     """What `eval TARGET [--adapter PATH] [--device D]` means."""
+    resolved = _resolve(target, adapter, device)
+    resolved.keep_out = _model_folders(resolved, adapter)
+    return resolved
+
+
+def _model_folders(resolved: EvalTarget, adapter: str | None) -> list[tuple[Path, bool]]:
+    """(folder, whether its inside counts too) that reports must not be written into: the run or merged folder
+    itself, and the weights, adapter and checkpoints that train, merge and push read."""
+    folder = resolved.out_dir.parent
+    found = [(Path(adapter), True)] if adapter is not None else []
+    if is_run_folder(folder):
+        found += [(folder, False)] + [(folder / name, True) for name in ("adapter", "model", "checkpoints")]
+    elif resolved.kind == "merged":
+        found.append((folder, False))
+    return found
+
+
+def _resolve(target: str | Path, adapter: str | None, device: str | None) -> EvalTarget:
     path = Path(target)
     if adapter is not None and not (Path(adapter) / "adapter_config.json").exists():
         raise UserError(f"--adapter {adapter}: no adapter_config.json there; point it at a PEFT adapter folder "
@@ -61,7 +82,7 @@ def resolve_target(target: str | Path, adapter: str | None = None, device: str |
         recipe = _load_recipe_on(path, device)
         run_dir = Path(recipe.train.output_dir)
         if adapter is None and is_run_folder(run_dir):
-            return resolve_target(run_dir, device=device)
+            return _resolve(run_dir, None, device)
         base_section = recipe.model
         return EvalTarget(recipe, label=str(adapter or recipe.model.name), out_dir=run_dir / "eval",
                           load=_loader(base_section, adapter=adapter),
@@ -95,27 +116,29 @@ def run_evaluation(target: str | Path, adapter: str | None = None, include_base:
                    pin: bool | None = None, renoise: bool | None = None, batch_size: int | None = None,
                    out_dir: str | Path | None = None, seed: int | None = None, console=None,
                    compare: bool = False, device: str | None = None) -> dict:
-    """Evaluate and write the reports; returns the report dict."""
+    """Evaluate and write the reports; returns the report dict. The recipe's own evaluation writes TARGET/eval;
+    anything else (see `differences_from_recipe`) writes TARGET/evals/NAME unless `out_dir` is given, so a quick
+    check never replaces the full report that the model card shows."""
+    if out_dir is not None:
+        require_writable_dir(out_dir, "--out")  # before any data is read or model loaded
     resolved = resolve_target(target, adapter, device)
     recipe = resolved.recipe
     task = get_task(recipe.task.name, recipe.task.options)
-    if data is not None:
-        spec = SourceSpec(source=data)
-    elif recipe.task.eval is not None:
-        spec = recipe.task.eval
-    else:
-        raise UserError(f"{target}: the recipe has no task.eval source; pass --data FILE|hf:owner/name")
-    dataset = task.build_dataset("eval", spec)
-    examples = [dict(row) for row in dataset]
-    limit = limit or recipe.eval.limit
-    if limit:
-        examples = examples[:limit]
+    spec, source_label = _eval_source(recipe, data, target)
+    everything = [dict(row) for row in task.build_dataset("eval", spec)]
+    examples = everything[:limit or recipe.eval.limit or len(everything)]
     step_list = steps or recipe.eval.steps
     pins = [True, False] if compare else [recipe.eval.pin] if pin is None else [pin]
     renoises = [False, True] if compare else [recipe.eval.renoise] if renoise is None else [renoise]
     seed = recipe.eval.seed if seed is None else seed
     batch = batch_size or recipe.eval.batch_size
-    out = Path(out_dir) if out_dir is not None else resolved.out_dir
+    own_data = spec is recipe.task.eval
+    full_examples = len(everything[:recipe.eval.limit or len(everything)]) if own_data else None
+    differences = differences_from_recipe(recipe, adapter=adapter, data=None if own_data else data,
+                                          limit=limit, examples=len(examples), full_examples=full_examples,
+                                          steps=step_list, pins=pins, renoises=renoises, seed=seed,
+                                          compare=compare)
+    out = _report_folder(resolved, out_dir, differences)
 
     models = [(resolved.kind, resolved.load)]
     if include_base:
@@ -129,8 +152,9 @@ def run_evaluation(target: str | Path, adapter: str | None = None, include_base:
     sampler_defaults: dict = {}
     for name, load in models:
         model, tokenizer = load()
+        max_new = _answer_tokens(recipe, examples, tokenizer, model, source_label)
+        _check_prompts(examples, tokenizer, model, max_new, source_label)
         sampler_defaults = sampler_defaults or vars(SamplerConfig.from_model(model))
-        max_new = recipe.eval.max_new_tokens or _default_max_new_tokens(task, examples, tokenizer, model)
         for steps_count in step_list:
             for pin_on in pins:
                 for renoise_on in renoises:
@@ -141,32 +165,165 @@ def run_evaluation(target: str | Path, adapter: str | None = None, include_base:
         free_memory()  # before the next model (e.g. the base for comparison) loads
     report_header = {"target": resolved.label, "task": recipe.task.name, "data": spec.source,
                      "examples": len(examples), "seed": seed,
+                     "evaluation": _evaluation_record(differences, len(examples), full_examples, step_list, pins,
+                                                      renoises, seed, include_base),
                      "training": _training_summary(resolved)}
     report = write_report(out, report_header, results, sampler_defaults, resolved.training_log, tokenizer)
     if console is not None:
-        from rich.table import Table
-
-        table = Table(title=f"{recipe.task.name} on {spec.source} ({len(examples)} examples)")
-        for column in ("model", "steps", "pin", "renoise", "solved", "rate", "tok/fwd", "ex/s"):
-            table.add_column(column)
-        for s in report["results"]:
-            table.add_row(s["model"], str(s["steps"]), "on" if s["pin"] else "off", "on" if s["renoise"] else "off",
-                          f"{s['correct']}/{s['examples']}", f"{s['solve_rate']:.1%}", f"{s['tokens_per_forward']:.2f}",
-                          f"{s['examples_per_second']:.1f}")
-        console.print(table)
-        console.print(f"reports written to {out}/ (report.md, report.json, predictions.jsonl, plots)")
+        _print_summary(console, report, recipe, spec, len(examples), out, differences)
     return report
 
 
-def _default_max_new_tokens(task, examples, tokenizer, model) -> int:
-    """Enough canvases for the longest reference target (+1 canvas), capped by the model's default."""
-    canvas = model.config.canvas_length
-    longest = 0
-    for example in examples[:2000]:
+def _print_summary(console, report: dict, recipe: Recipe, spec, count: int, out: Path,
+                   differences: list[str]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{recipe.task.name} on {spec.source} ({count} examples)")
+    for column in ("model", "steps", "pin", "renoise", "solved", "rate", "tok/fwd", "ex/s"):
+        table.add_column(column)
+    for s in report["results"]:
+        table.add_row(s["model"], str(s["steps"]), "on" if s["pin"] else "off", "on" if s["renoise"] else "off",
+                      f"{s['correct']}/{s['examples']}", f"{s['solve_rate']:.1%}", f"{s['tokens_per_forward']:.2f}",
+                      f"{s['examples_per_second']:.1f}")
+    console.print(table)
+    if differences:
+        console.print(f"partial evaluation ({', '.join(differences)}): the recipe's full report is left as it was",
+                      highlight=False, markup=False)
+    console.print(f"reports written to {out}/ (report.md, report.json, predictions.jsonl, plots)", highlight=False)
+
+
+# ------------------------------------------------------------------------------------ which evaluation this is
+def _eval_source(recipe: Recipe, data: str | None, target) -> tuple[SourceSpec, str]:
+    """The eval data and how error lines name it. `--data` naming the recipe's own eval source is that source
+    (with its size and columns), so it stays the recipe's evaluation."""
+    own = recipe.task.eval
+    if data is not None and (own is None or data != own.source):
+        return SourceSpec(source=data), f"--data '{data}'"
+    if own is None:
+        raise UserError(f"{target}: the recipe has no task.eval source; pass --data FILE|hf:owner/name")
+    return own, f"task.eval '{own.source}'"
+
+
+def differences_from_recipe(recipe: Recipe, *, adapter: str | None, data: str | None, limit: int | None,
+                            examples: int, full_examples: int | None, steps: list[int], pins: list[bool],
+                            renoises: list[bool], seed: int, compare: bool) -> list[str]:
+    """The options that make this evaluation differ from the recipe's (task.eval, eval.limit, eval.steps,
+    eval.pin, eval.renoise, eval.seed, on the model under test); empty for the recipe's full evaluation.
+    --base (adds the base model's rows), --batch-size and --device (answers do not depend on them) keep it full."""
+    wanted = recipe.eval
+    found = []
+    if adapter is not None:
+        found.append(f"--adapter {adapter}")
+    if data is not None:
+        found.append(f"--data {data}")
+    if (data is not None and limit is not None) or (full_examples is not None and examples != full_examples):
+        found.append(f"--limit {examples if limit is None else limit}")
+    if sorted(steps) != sorted(wanted.steps):
+        found.append("--steps " + ",".join(str(s) for s in steps))
+    if compare:
+        found.append("--compare")
+    else:
+        if pins != [wanted.pin]:
+            found.append("--pin" if pins[0] else "--no-pin")
+        if renoises != [wanted.renoise]:
+            found.append("--renoise" if renoises[0] else "--no-renoise")
+    if seed != wanted.seed:
+        found.append(f"--seed {seed}")
+    return found
+
+
+def partial_folder_name(differences: list[str]) -> str:
+    """A folder name that says what was changed, e.g. 'limit-2_steps-1' or 'data-numbers_no-pin'."""
+    parts = []
+    for item in differences:
+        flag, _, value = item.lstrip("-").partition(" ")
+        if flag in ("data", "adapter"):
+            path = Path(value.split("@")[0])
+            value = path.parent.name if path.name == "adapter" and path.parent.name else path.stem or path.name
+        parts.append(f"{flag}-{value}" if value else flag)
+    name = re.sub(r"[^A-Za-z0-9._=-]+", "-", "_".join(parts).replace(",", "-")).strip("-.")
+    return (name or "partial")[:80]
+
+
+def _report_folder(resolved: EvalTarget, out_dir, differences: list[str]) -> Path:
+    """Where the reports go: `--out`, else TARGET/eval for the recipe's evaluation, else TARGET/evals/NAME."""
+    if out_dir is not None:
+        out = Path(out_dir)
+    elif differences:
+        out = resolved.out_dir.parent / "evals" / partial_folder_name(differences)
+    else:
+        out = resolved.out_dir
+    _refuse_model_folders(out, resolved)
+    return require_writable_dir(out, "--out" if out_dir is not None else "the report folder")
+
+
+def _refuse_model_folders(out: Path, resolved: EvalTarget) -> None:
+    """Reports must not land among weights that train, merge and push read (push uploads every top-level file)."""
+    where = out.resolve()
+    for folder, inside in resolved.keep_out:
+        folder = folder.resolve()
+        if where == folder or (inside and folder in where.parents):
+            raise UserError(f"--out {out}: this would write reports into '{folder}', which holds the model's files; "
+                            f"choose a folder outside it, or leave --out off for the default")
+
+
+def _evaluation_record(differences: list[str], examples: int, full_examples: int | None, steps: list[int],
+                       pins: list[bool], renoises: list[bool], seed: int, include_base: bool) -> dict:
+    """What report.json says about itself, so the model card can say which evaluation it shows."""
+    from datetime import datetime, timezone
+
+    from dgemma_ft import __version__
+
+    return {"scope": "partial" if differences else "full", "differences": differences, "examples": examples,
+            "full_examples": full_examples, "steps": list(steps), "pin": pins, "renoise": renoises, "seed": seed,
+            "base_compared": include_base, "written_by": f"dgemma-ft {__version__} eval",
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+
+
+# --------------------------------------------------------------------------------------------- prompt lengths
+def _answer_tokens(recipe: Recipe, examples, tokenizer, model, source_label: str) -> int:
+    """Answer room in tokens (eval.max_new_tokens, else enough for the longest reference answer); refused when
+    it alone fills the model's positions."""
+    if recipe.eval.max_new_tokens:
+        max_new, cause = recipe.eval.max_new_tokens, f"eval.max_new_tokens ({recipe.eval.max_new_tokens})"
+    else:
+        longest, index = _longest_target(examples, tokenizer)
+        max_new = _canvases_for(longest, model)
+        cause = f"the longest reference answer ({source_label}, example {index}: {longest - 1:,} tokens)"
+    limit = position_limit(model)
+    room = answer_room(max_new, model.config.canvas_length)
+    if limit is not None and room >= limit:
+        raise UserError(f"{cause} needs {room:,} answer positions, but the model reads at most {limit:,} "
+                        f"(max_position_embeddings); shorten or remove it, or set eval.max_new_tokens lower")
+    return max_new
+
+
+def _check_prompts(examples: list[dict], tokenizer, model, max_new: int, source_label: str) -> None:
+    """Every prompt must fit the model's positions with the answer's room, before the sampler allocates."""
+    from dgemma_ft.finetune.data import prompt_ids
+
+    limit = position_limit(model)
+    room = answer_room(max_new, model.config.canvas_length)
+    for index, example in enumerate(examples):
+        check_prompt_fits(len(prompt_ids(tokenizer, example["messages"])), room, limit,
+                          f"{source_label}: the prompt of example {index} (counting from 0, as `generate "
+                          f"--example` does)", fix="shorten or remove that example")
+
+
+def _longest_target(examples, tokenizer) -> tuple[int, int]:
+    """(tokens of the longest reference answer + 1 for its end, its index), over the first 2000 examples."""
+    longest, where = 0, 0
+    for index, example in enumerate(examples[:2000]):
         target = example["messages"][-1]["content"] if example["messages"][-1]["role"] == "assistant" else ""
-        longest = max(longest, len(tokenizer(target, add_special_tokens=False)["input_ids"]) + 1)
-    blocks = max(1, -(-longest // canvas))
-    return blocks * canvas
+        tokens = len(tokenizer(target, add_special_tokens=False)["input_ids"]) + 1
+        if tokens > longest:
+            longest, where = tokens, index
+    return longest, where
+
+
+def _canvases_for(tokens: int, model) -> int:
+    canvas = model.config.canvas_length
+    return max(1, -(-tokens // canvas)) * canvas
 
 
 def _run_with_progress(model, tokenizer, task, examples, setting, batch, seed, max_new, console):
@@ -193,58 +350,84 @@ def _training_summary(resolved: EvalTarget) -> dict | None:
     return json.loads(summary.read_text()) if summary.exists() else None
 
 
+TRACE_SUFFIXES = (".png", ".gif")
+
+
 def generate_one(target: str | Path, prompt: str | None = None, example: int | None = None,
                  steps: int | None = None, pin: bool = True, renoise: bool = False, seed: int = 0,
                  trace: str | None = None, data: str | None = None, adapter: str | None = None,
                  device: str | None = None) -> dict:
-    """Answer one prompt (free text, or example N of the eval data with its verdict); optionally save a trace."""
+    """Answer one prompt (free text, or example N of the eval data with its verdict); optionally save a trace.
+    Every option is checked before the model loads."""
     from dgemma_ft.inference.constraints import special_token_ids
-    from dgemma_ft.inference.evaluate import make_requests
-    from dgemma_ft.inference.sampling import BlockDiffusionSampler, Request, SamplerConfig
+    from dgemma_ft.inference.sampling import BlockDiffusionSampler, SamplerConfig
 
     if (prompt is None) == (example is None):
         raise UserError("generate: give exactly one of --prompt TEXT or --example N")
+    if steps is not None and steps <= 0:
+        raise UserError(f"--steps {steps}: --steps must be a positive number of denoising steps, e.g. --steps 16")
+    trace_path = require_writable_file(trace, "--trace", TRACE_SUFFIXES) if trace else None
     resolved = resolve_target(target, adapter, device)
     recipe = resolved.recipe
     task = get_task(recipe.task.name, recipe.task.options)
+    chosen, source_label = _chosen_example(task, recipe, data, example) if example is not None else (None, "")
     model, tokenizer = resolved.load()
-    chosen = None
-    if example is not None:
-        spec = SourceSpec(source=data) if data else recipe.task.eval
-        if spec is None:
-            raise UserError("generate --example: the recipe has no task.eval source; pass --data")
-        dataset = task.build_dataset("eval", spec)
-        if not 0 <= example < len(dataset):
-            raise UserError(f"--example {example}: the eval data has {len(dataset)} examples (0..{len(dataset) - 1})")
-        chosen = dict(dataset[example])
-        request = make_requests(task, [chosen], tokenizer, seed)[0]
-        request.seed = seed
+    if chosen is not None:
+        request, what = _example_request(task, chosen, tokenizer, seed), f"--example {example} of {source_label}"
+        max_new = _answer_tokens(recipe, [chosen], tokenizer, model, source_label)
     else:
-        from dgemma_ft.finetune.data import prompt_ids
-
-        request = Request(prompt_ids=prompt_ids(tokenizer, [{"role": "user", "content": prompt}]), seed=seed)
+        request, what = _prompt_request(prompt, tokenizer, seed), "--prompt"
+        max_new = recipe.eval.max_new_tokens or model.config.canvas_length * 4
         pin = renoise = False
-    max_new = recipe.eval.max_new_tokens or (
-        _default_max_new_tokens(task, [chosen], tokenizer, model) if chosen else model.config.canvas_length * 4)
+    room = answer_room(max_new, model.config.canvas_length)
+    check_prompt_fits(len(request.prompt_ids), room, position_limit(model), f"{what}: the prompt")
     config = SamplerConfig.from_model(model, max_denoising_steps=steps or max(recipe.eval.steps),
                                       max_new_tokens=max_new)
-    generation = BlockDiffusionSampler(model, config, special_token_ids=special_token_ids(tokenizer)).generate([request], pin=pin, renoise=renoise,
-                                                               trace_index=0)[0]
+    sampler = BlockDiffusionSampler(model, config, special_token_ids=special_token_ids(tokenizer))
+    generation = sampler.generate([request], pin=pin, renoise=renoise, trace_index=0)[0]
     text = tokenizer.decode(generation.token_ids, skip_special_tokens=True)
     result = {"prompt": prompt if prompt is not None else chosen["messages"][0]["content"], "output": text,
               "stats": {"denoising_steps": generation.steps, "decoder_forwards": generation.forwards,
                         "tokens_per_forward": round(generation.tokens_per_forward, 3)}}
     if chosen is not None:
         result["verdict"] = task.validate(chosen, text).to_dict()
-    if trace:
-        from dgemma_ft.inference.report import _write_png, plot_trace, save_trace_gif
-
-        trace_path = Path(trace)
-        trace_path.parent.mkdir(parents=True, exist_ok=True)
-        if trace_path.suffix.lower() == ".gif":
-            save_trace_gif(generation.trace, tokenizer, trace_path)
-        else:
-            _write_png(trace_path, plot_trace(generation.trace, tokenizer,
-                                              title=result.get("verdict", {}).get("reason", "")))
+    if trace_path is not None:
+        _save_trace(trace_path, generation.trace, tokenizer, result.get("verdict", {}).get("reason", ""))
         result["trace"] = str(trace_path)
     return result
+
+
+def _chosen_example(task, recipe: Recipe, data: str | None, example: int) -> tuple[dict, str]:
+    """Example N of the eval data (`--data`, else the recipe's task.eval), and how error lines name its source."""
+    spec = SourceSpec(source=data) if data else recipe.task.eval
+    if spec is None:
+        raise UserError("generate --example: the recipe has no task.eval source; pass --data")
+    dataset = task.build_dataset("eval", spec)
+    if not 0 <= example < len(dataset):
+        raise UserError(f"--example {example}: the eval data has {len(dataset)} examples (0..{len(dataset) - 1})")
+    return dict(dataset[example]), (f"--data '{data}'" if data else f"task.eval '{spec.source}'")
+
+
+def _example_request(task, chosen: dict, tokenizer, seed: int):
+    from dgemma_ft.inference.evaluate import make_requests
+
+    request = make_requests(task, [chosen], tokenizer, seed)[0]
+    request.seed = seed
+    return request
+
+
+def _prompt_request(prompt: str, tokenizer, seed: int):
+    from dgemma_ft.finetune.data import prompt_ids
+    from dgemma_ft.inference.sampling import Request
+
+    return Request(prompt_ids=prompt_ids(tokenizer, [{"role": "user", "content": prompt}]), seed=seed)
+
+
+def _save_trace(path: Path, trace: list[dict], tokenizer, title: str) -> None:
+    from dgemma_ft.inference.report import _write_png, plot_trace, save_trace_gif
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".gif":
+        save_trace_gif(trace, tokenizer, path)
+    else:
+        _write_png(path, plot_trace(trace, tokenizer, title=title))
