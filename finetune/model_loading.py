@@ -373,7 +373,38 @@ def _load_pretrained(name: str, section: ModelSection, dtype: torch.dtype) -> Lo
             _place_4bit(model, device)
         else:
             quantize_experts(model)  # the 3-D expert tensors, which bitsandbytes' loader leaves in 16-bit
+        keep_4bit_linears_differentiable(model)
     return LoadedModel(model, tokenizer, source=name, base_name=name)
+
+
+def keep_4bit_linears_differentiable(model) -> int:
+    """Turn off bitsandbytes' CPU inference repacking of 4-bit linears (undoing it where it already happened).
+
+    On CPUs with AVX512-BF16, a `Linear4bit` that runs one forward in eval mode without gradients repacks its
+    weight for a fast inference kernel (`gemv_4bit`) and keeps it: every later forward, training included, goes
+    through that kernel, which has no backward, so the gradient to the layer's input is silently dropped (LoRA
+    gradients of earlier layers were off by more than 100% after one evaluation; tests/test_quantized.py).
+    Evaluating and then training in one process (RL, or tests) is normal here, so the repacking is disabled.
+    Returns how many linears were touched."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    try:  # bitsandbytes versions without the repacking have no inverse either
+        from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse  # no public inverse exists
+    except ImportError:
+        _convert_weight_packed_for_cpu_inverse = None
+    touched = 0
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        module.support_avx512bf16_for_cpu = False
+        state = getattr(module.weight, "quant_state", None)
+        if _convert_weight_packed_for_cpu_inverse and getattr(state, "packing_format_for_cpu", False):
+            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                module.weight.data, state)
+        touched += 1
+    return touched
 
 
 def _local_load_error(name: str, exc: Exception, held: list) -> str:
@@ -513,7 +544,7 @@ def backend_in(recipe_path: str | Path, overrides: list[str]) -> str | None:
             return value.strip()
     try:
         data = yaml.safe_load(Path(recipe_path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError, ValueError):
         return None
     model = data.get("model") if isinstance(data, dict) else None
     return model.get("backend") if isinstance(model, dict) else None

@@ -21,7 +21,7 @@ import torch
 
 from dgemma_ft.errors import Interrupted, UserError
 from dgemma_ft.finetune.atomic import atomic_dir, atomic_write_text
-from dgemma_ft.finetune.model_loading import free_memory, resolve_device
+from dgemma_ft.finetune.model_loading import free_memory, preflight, resolve_device
 from dgemma_ft.finetune.recipe import Recipe
 from dgemma_ft.finetune.run_folder import (RunState, checkpoint_step, claim, clear_unstarted, inspect,
                                            newest_complete_checkpoint)
@@ -109,6 +109,7 @@ def plan_run(run_dir: Path, steps: int, resume: bool, say, main_process: bool = 
 
 def train(recipe: Recipe, resume: bool = False, console=None) -> Path:
     """Train as the recipe says and return the run folder (at once, for a finished run resumed)."""
+    preflight(recipe.model)  # backend, model.name, model folder / run recipes: before the folder is touched
     run_dir = Path(recipe.train.output_dir)
     main_process = is_main_process()
     say = console.print if console is not None and main_process else (lambda *a, **k: None)

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from dgemma_ft.finetune.atomic import atomic_write_text
+from dgemma_ft.finetune.run_folder import read_log
 
 
 def write_report(out_dir: Path, header: dict, results: list, sampler: dict, training_log: Path | None,
@@ -128,8 +129,7 @@ def plot_solve_rate(summaries: list[dict]):
 
 
 def plot_training_loss(log_path: Path):
-    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    records = [r for r in records if "loss" in r]
+    records = [r for r in read_log(log_path) if "loss" in r]  # a torn last line (a killed run) is skipped
     if not records:
         return None
     plt = _pyplot()

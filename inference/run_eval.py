@@ -11,7 +11,7 @@ from pathlib import Path
 
 from dgemma_ft.errors import UserError
 from dgemma_ft.output_paths import require_writable_dir, require_writable_file
-from dgemma_ft.finetune.model_loading import free_memory, is_run_folder
+from dgemma_ft.finetune.model_loading import free_memory, is_run_folder, require_finished_run
 from dgemma_ft.finetune.recipe import Recipe, load_recipe
 from dgemma_ft.inference.evaluate import Setting, answer_room, check_prompt_fits, evaluate_setting, position_limit
 from dgemma_ft.inference.report import write_report
@@ -106,6 +106,7 @@ def _resolve(target: str | Path, adapter: str | None, device: str | None) -> Eva
         return EvalTarget(recipe, label=str(path), out_dir=path / "eval", load=_loader(section),
                           load_base=None, training_log=None, kind="merged")
     if path.exists():
+        require_finished_run(path)  # a run whose adapter/ or model/ is gone says so, not "not a run folder"
         raise UserError(f"eval: '{target}' is neither a run folder (recipe.yaml + adapter/ or model/), a recipe "
                         f".yaml, nor a merged model folder with its {MERGED_RECIPE}")
     raise UserError(f"eval: '{target}' does not exist; give a run folder, a recipe .yaml or a merged model folder")

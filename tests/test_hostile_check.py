@@ -306,8 +306,9 @@ def test_training_fails_the_same_way_before_writing(name, overrides, fragment, w
 
 
 # ------------------------------------------------------------------------------------------ eval of a broken run
-EVAL_CASES = [c for c in RUN_FOLDER_CASES if c[0] in ("adapter-emptied", "adapter-config-not-json",
-                                                      "adapter-config-keys", "adapter-truncated")]
+EVAL_CASES = [c for c in RUN_FOLDER_CASES if c[0] in ("adapter-deleted", "adapter-emptied",
+                                                      "adapter-config-not-json", "adapter-config-keys",
+                                                      "adapter-truncated")]
 
 
 @pytest.mark.parametrize("name, which, setup, fragment", EVAL_CASES, ids=[c[0] for c in EVAL_CASES])
