@@ -68,9 +68,8 @@ def check_repo_id(repo: str | None) -> str:
         raise UserError(f"--repo {repo!r}: {fix} (exactly one '/', your user or organisation name first)")
     try:
         validate_repo_id(repo)
-    except HFValidationError as exc:
-        reason = str(exc).split(":")[0].split(". ")[0].rstrip(".")
-        raise UserError(f"--repo {repo!r}: the Hub refuses this id ({reason}); {fix}: letters, digits, '-', '_' "
+    except HFValidationError:  # its messages quote the id and break mid-rule; the rules themselves are short
+        raise UserError(f"--repo {repo!r}: the Hub refuses this id; {fix}: letters, digits, '-', '_' "
                         f"and '.', not starting or ending with '-' or '.', no '--' or '..', at most 96 "
                         f"characters each") from None
     return repo
