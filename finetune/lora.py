@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from dgemma_ft.errors import UserError
+from dgemma_ft.user_files import read_json_file
 from dgemma_ft.plumbing import unwrap_model
 from dgemma_ft.finetune.recipe import TEXT_LINEAR_NAMES
 
@@ -163,13 +164,7 @@ def read_adapter_config(path: str | Path) -> dict:
     file = Path(path) / "adapter_config.json"
     if not file.exists():
         raise UserError(f"{path}: no adapter_config.json; point --adapter at a PEFT adapter folder")
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise UserError(f"{file} is corrupt (not a text file); re-train the adapter or restore the file") from None
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{file} is corrupt (not valid JSON, line {exc.lineno}: {exc.msg}); re-train the adapter "
-                        f"or restore the file") from None
+    config = read_json_file(file, "the adapter record is damaged: re-train the adapter or restore the file")
     missing = [key for key in ADAPTER_KEYS if key not in config] if isinstance(config, dict) else list(ADAPTER_KEYS)
     if missing:
         raise UserError(f"{file} is corrupt (no {', '.join(missing)}); re-train the adapter or restore the file")

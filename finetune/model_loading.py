@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from dgemma_ft.errors import UserError
+from dgemma_ft.user_files import read_json_file
 from dgemma_ft.finetune.recipe import ModelSection
 
 # Modules that stay in full precision under 4-bit loading: the vision tower, the router, self-conditioning and
@@ -173,19 +174,11 @@ def inspect_model_folder(folder: str | Path, label: str | None = None) -> dict:
 
 
 def _read_config(folder: Path, label: str) -> dict:
-    import json
-
     file = folder / "config.json"
     if not file.is_file():
         raise UserError(f"{label}: folder '{folder}' has no config.json; point it at a saved model folder "
                         f"(save_pretrained output), a run folder, a Hub id, or 'tiny'")
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise UserError(f"{label}: {file} is not a text file; restore it or re-save the model") from None
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{label}: {file} is not valid JSON (line {exc.lineno}: {exc.msg}); restore it or re-save "
-                        f"the model with save_pretrained") from None
+    config = read_json_file(file, "restore it or re-save the model with save_pretrained", f"{label}: ")
     if not isinstance(config, dict):
         raise UserError(f"{label}: {file} holds a JSON {type(config).__name__}, not a model config; restore it or "
                         f"re-save the model")

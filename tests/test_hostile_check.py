@@ -169,7 +169,7 @@ RUN_FOLDER_CASES = [  # (name, fixture run, setup, expected fragment)
     ("adapter-emptied", "lora", _adapter(_remove("adapter_model.safetensors")),
      "has no adapter_model.safetensors; the run has no trained adapter"),
     ("adapter-config-not-json", "lora", _adapter(_write("adapter_config.json", '{"r": ')),
-     "adapter_config.json is corrupt (not valid JSON"),
+     "adapter_config.json is not valid JSON"),
     ("adapter-config-keys", "lora", _adapter(_write("adapter_config.json", '{"foo": 1}')),
      "adapter_config.json is corrupt (no peft_type, r, target_modules)"),
     ("adapter-truncated", "lora", _adapter(_truncate("adapter_model.safetensors")),
