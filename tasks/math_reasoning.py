@@ -381,7 +381,8 @@ def judge_word(gold: str, output_text: str) -> Verdict:
         equal, how = compare_answers(gold, candidate, first=method == "####")
         if equal is None:
             continue
-        shown = candidate if len(candidate) <= 40 else candidate[:37] + "..."
+        shown = " ".join(candidate.split())  # a reason is one line, whatever the answer held
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
         details = {"extracted": candidate, "method": method, "compare": how, "expected": gold}
         if equal:
             return Verdict(True, True, 1.0, f"final answer {shown} is correct ({method}, {how})", details)

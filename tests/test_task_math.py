@@ -333,3 +333,12 @@ def test_option_errors_name_the_field(options, field):
         get_task("math", options)
     message = str(caught.value)
     assert field in message and "\n" not in message and message.startswith("task 'math': task.options")
+
+
+def test_reasons_stay_one_line_for_answers_with_line_breaks(task):
+    """Found by hypothesis on a fresh clone: a boxed answer holding a line break broke the one-line reason."""
+    verdict = task.validate(WORD_EXAMPLE, "\\boxed{####\n1e999999}")
+    assert "\n" not in verdict.reason and not verdict.correct
+    for text in ("1 +\n2 = 3", "#### 4\n5", "(\n90 - 43)\n= 47"):
+        assert "\n" not in task.validate(COUNTDOWN_EXAMPLE, text).reason
+        assert "\n" not in task.validate(WORD_EXAMPLE, text).reason
