@@ -61,9 +61,7 @@ class SettingResult:
 def make_requests(task, examples: list[dict], tokenizer, seed: int) -> list[Request]:
     requests = []
     for index, example in enumerate(examples):
-        messages = example["messages"]
-        context = messages[:-1] if messages and messages[-1]["role"] == "assistant" else messages
-        requests.append(Request(prompt_ids=prompt_ids(tokenizer, context), seed=seed * 1_000_003 + index,
+        requests.append(Request(prompt_ids=prompt_ids(tokenizer, example["messages"]), seed=seed * 1_000_003 + index,
                                 pinned=pinned_tokens(task, example, tokenizer),
                                 violations=violation_checker(task, example, tokenizer)))
     return requests

@@ -289,7 +289,7 @@ def _answer_tokens(recipe: Recipe, examples, tokenizer, model, source_label: str
         max_new, cause = recipe.eval.max_new_tokens, f"eval.max_new_tokens ({recipe.eval.max_new_tokens})"
     else:
         longest, index = _longest_target(examples, tokenizer)
-        max_new = _canvases_for(longest, model)
+        max_new = answer_room(longest, model.config.canvas_length)
         cause = f"the longest reference answer ({source_label}, example {index}: {longest - 1:,} tokens)"
     limit = position_limit(model)
     room = answer_room(max_new, model.config.canvas_length)
@@ -320,11 +320,6 @@ def _longest_target(examples, tokenizer) -> tuple[int, int]:
         if tokens > longest:
             longest, where = tokens, index
     return longest, where
-
-
-def _canvases_for(tokens: int, model) -> int:
-    canvas = model.config.canvas_length
-    return max(1, -(-tokens // canvas)) * canvas
 
 
 def _run_with_progress(model, tokenizer, task, examples, setting, batch, seed, max_new, console):
