@@ -44,12 +44,7 @@ def _read(path: Path, overrides: list[str]):
         if not (path / "recipe.yaml").is_file():
             raise UserError(f"check: '{path}' is a folder without recipe.yaml; give a recipe .yaml or a run folder")
         return read_run_recipe(path, overrides), path
-    try:
-        return load_recipe(path, overrides), None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not a text (UTF-8) file; give a YAML recipe") from None
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read the recipe ({exc.strerror or exc})") from None
+    return load_recipe(path, overrides), None  # which refuses unreadable, binary and non-UTF-8 files itself
 
 
 def _check_output_dir(output_dir: str) -> str:

@@ -113,12 +113,7 @@ def read_run_recipe(run: str | Path, overrides: list[str] | None = None):
 
     file = Path(run) / "recipe.yaml"
     try:
-        return load_recipe(file, overrides)
-    except UnicodeDecodeError:
-        raise UserError(f"run folder '{run}': {file} is not a text (UTF-8) file; restore the recipe the run was "
-                        f"trained with") from None
-    except OSError as exc:
-        raise UserError(f"run folder '{run}': cannot read {file} ({exc.strerror or exc}); restore it") from None
+        return load_recipe(file, overrides)  # unreadable, binary and non-UTF-8 files are UserErrors there too
     except UserError as exc:
         raise UserError(f"run folder '{run}' has a broken recipe.yaml: {exc}") from None
 
