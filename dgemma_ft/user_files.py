@@ -1,5 +1,5 @@
-"""Read JSON files a user or a crash may have damaged (configs, adapter records), turning every way they can be
-broken into one line that names the file and the fix."""
+"""Read files a user or a crash may have damaged (configs, adapter records, weights), turning every way they can
+be broken into one line that names the file and the fix."""
 
 from __future__ import annotations
 
@@ -20,3 +20,16 @@ def read_json_file(file: Path, fix: str, label: str = "") -> Any:
         raise UserError(f"{label}{file} is not valid JSON (line {exc.lineno}: {exc.msg}); {fix}") from None
     except RecursionError:
         raise UserError(f"{label}{file} is nested too deeply to be a config; {fix}") from None
+
+
+def safetensors_damage(file: Path) -> str | None:
+    """Why a safetensors file cannot be loaded (a torn write, an overwritten header), or None. Reads the header
+    only: safetensors checks that its offsets end exactly at the end of the file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            handle.keys()
+    except (SafetensorError, OSError) as exc:
+        return str(exc).splitlines()[0] or type(exc).__name__
+    return None

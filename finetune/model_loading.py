@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from dgemma_ft.errors import UserError
-from dgemma_ft.user_files import read_json_file
+from dgemma_ft.user_files import read_json_file, safetensors_damage
 from dgemma_ft.finetune.recipe import ModelSection
 
 # Modules that stay in full precision under 4-bit loading: the vision tower, the router, self-conditioning and
@@ -204,15 +204,10 @@ def _check_weights(folder: Path, label: str) -> None:
 
 def check_safetensors_header(file: Path, label: str = "") -> None:
     """The header of a safetensors file reads (a truncated or overwritten file fails here, not mid-load)."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(file), framework="pt") as handle:
-            handle.keys()
-    except (SafetensorError, OSError) as exc:
+    damage = safetensors_damage(file)
+    if damage is not None:
         where = f"{label}: " if label else ""
-        raise UserError(f"{where}{file} is damaged ({str(exc).splitlines()[0]}); restore it, or re-save what "
-                        f"it holds") from None
+        raise UserError(f"{where}{file} is damaged ({damage}); restore it, or re-save what it holds")
 
 
 def check_backend(section: ModelSection) -> None:

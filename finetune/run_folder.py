@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import IO
 
 from dgemma_ft.errors import UserError
+from dgemma_ft.user_files import safetensors_damage
 
 LOCK_NAME = ".lock"
 INCOMPLETE_PREFIX = "incomplete-"
@@ -92,39 +93,22 @@ def incomplete_reason(checkpoint: Path) -> str | None:
     if not weights and not sharded:
         return "no weights"
     for file in weights:
-        problem = _safetensors_problem(file) if file.suffix == ".safetensors" else _torch_file_problem(file)
-        if problem:
-            return f"{file.name} {problem}"
+        damaged = safetensors_damage(file) if file.suffix == ".safetensors" else _torch_file_torn(file)
+        if damaged:
+            return f"{file.name} is truncated or corrupt"
     for name in ("optimizer.pt", "scheduler.pt"):
-        if (checkpoint / name).exists() and _torch_file_problem(checkpoint / name):
+        if (checkpoint / name).exists() and _torch_file_torn(checkpoint / name):
             return f"{name} is truncated or corrupt"
     return None
 
 
-def _safetensors_problem(file: Path) -> str | None:
-    """A safetensors file is an 8-byte header length, a JSON header, then the data its offsets end at."""
-    size = file.stat().st_size
-    try:
-        with file.open("rb") as handle:
-            header_length = int.from_bytes(handle.read(8), "little")
-            if not 0 < header_length <= size - 8:
-                return "is truncated or corrupt"
-            header = json.loads(handle.read(header_length))
-    except (OSError, ValueError):
-        return "is truncated or corrupt"
-    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
-    if 8 + header_length + max(ends, default=0) > size:
-        return "is truncated"
-    return None
-
-
-def _torch_file_problem(file: Path) -> str | None:
+def _torch_file_torn(file: Path) -> bool:
     """torch.save writes a zip archive; a torn write loses its central directory, which opening reads."""
     try:
         with zipfile.ZipFile(file):
-            return None
+            return False
     except (OSError, zipfile.BadZipFile):
-        return "is truncated or corrupt"
+        return True
 
 
 def newest_complete_checkpoint(checkpoint_dir: Path, say=None, move_aside: bool = True) -> Path | None:
