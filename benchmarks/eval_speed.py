@@ -16,7 +16,7 @@ import torch
 from dgemma_ft.finetune.data import prompt_ids
 from dgemma_ft.finetune.model_loading import is_run_folder
 from dgemma_ft.inference.evaluate import Setting, evaluate_setting
-from dgemma_ft.tasks.base import get_task
+from dgemma_ft.tasks import get_task
 
 
 def load(run: str):

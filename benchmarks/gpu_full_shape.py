@@ -50,7 +50,7 @@ from dgemma_ft.inference.evaluate import AUTO_BATCH_START, generate_batch
 from dgemma_ft.inference.sampling import BlockDiffusionSampler, Request, SamplerConfig
 from dgemma_ft.memory_meter import PeakMemory
 from dgemma_ft.plumbing import enable_gradient_checkpointing
-from dgemma_ft.tasks.base import SourceSpec, get_task
+from dgemma_ft.tasks import SourceSpec, get_task
 
 ROOT = Path(__file__).resolve().parent.parent
 GIB = 2 ** 30

@@ -11,7 +11,8 @@ import gc
 import json
 import time
 
-from dgemma_ft.tasks.base import DATA_DIR, get_task
+from dgemma_ft.tasks import DATA_DIR, get_task
+from dgemma_ft.tasks.math import warm_up
 
 
 def rate(count: int, seconds: float) -> str:
@@ -59,6 +60,7 @@ def main() -> None:
     rows = [json.loads(line) for line in (DATA_DIR / "math" / "gsm8k_test.jsonl").read_text("utf-8").splitlines()]
     examples = [task.from_row(row, {}) for row in rows]
     print("validation")
+    warm_up()  # math-verify's first use (about 1.5 s, importing sympy) is not a validation's cost
     variants = {
         "GSM8K reference answers": lambda ex, row: row["answer"],
         "GSM8K final changed by +1":

@@ -55,7 +55,7 @@ from dgemma_ft.finetune.tiny import build_tiny_tokenizer
 from dgemma_ft.inference.sampling import BlockDiffusionSampler, Request, SamplerConfig
 from dgemma_ft.memory_meter import PeakMemory
 from dgemma_ft.plumbing import PrefixKV, enable_gradient_checkpointing, encoder_masks, run_encoder, unwrap_model
-from dgemma_ft.tasks.base import SourceSpec, get_task
+from dgemma_ft.tasks import SourceSpec, get_task
 
 ROOT = Path(__file__).resolve().parent.parent
 RELEASED = "google/diffusiongemma-26B-A4B-it"

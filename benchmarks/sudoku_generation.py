@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from dgemma_ft.tasks.base import SourceSpec, get_task
+from dgemma_ft.tasks import SourceSpec, get_task
 
 
 def generation_rate(options: dict, seconds: float) -> tuple[float, int]:

@@ -1,18 +1,20 @@
-"""The `dgemma-ft` command. `dgemma-ft RECIPE.yaml` is short for `dgemma-ft train RECIPE.yaml`."""
+"""The `dgemma-ft` command. `dgemma-ft RECIPE.yaml` is short for `dgemma-ft train RECIPE.yaml`.
+
+Each command calls its `dgemma_ft.api` function and prints what it returns. Every import inside a function here
+is there to keep `dgemma-ft --help` fast: `dgemma_ft.api` brings torch and transformers, and help needs neither."""
 
 from __future__ import annotations
 
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from dgemma_ft.errors import Interrupted, UserError
-from dgemma_ft.quiet import quiet_known_noise
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune DiffusionGemma (block diffusion) on structured tasks, and check its answers.")
@@ -23,13 +25,6 @@ SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="override 
 DeviceOption = Annotated[Optional[str], typer.Option("--device", help="where the model runs: auto (the GPU when one "
                                                                       "is present), cpu, cuda, cuda:N, mps")]
 INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C (SIGINT)
-DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
-
-
-def _device(value: str | None) -> str | None:
-    if value is not None and not DEVICE_PATTERN.match(value):
-        raise UserError(f"--device {value!r}: give auto, cpu, cuda, cuda:N or mps")
-    return value
 
 
 @app.command()
@@ -39,34 +34,30 @@ def train(recipe: Annotated[Path, typer.Argument(help="YAML recipe")],
           evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="evaluate after training")] = True,
           device: DeviceOption = None):
     """Train as RECIPE says, then evaluate the result on the recipe's eval set."""
-    from dgemma_ft.finetune.recipe import load_recipe
-    from dgemma_ft.finetune.run import is_main_process
-    from dgemma_ft.finetune.run import train as run_training
+    from dgemma_ft import api
 
-    overrides = list(set_ or []) + ([f"model.device={_device(device)}"] if device else [])
-    loaded = load_recipe(recipe, overrides)
-    run_dir = run_training(loaded, resume=resume, console=console)  # returns after releasing the trained model
-    if evaluate and loaded.eval.after_train and loaded.task.eval is not None and is_main_process():
-        from dgemma_ft.inference.run_eval import run_evaluation
-
-        if _report_is_current(run_dir):  # a finished run resumed: nothing was trained, nothing to re-evaluate
-            console.print(f"evaluation report of these weights: {run_dir / 'eval' / 'report.md'}", highlight=False)
-            return
-        run_evaluation(run_dir, console=console, device=device)
+    api.train(recipe, overrides=set_ or [], resume=resume, evaluate=evaluate, device=device)  # prints progress
 
 
-def _report_is_current(run_dir: Path) -> bool:
-    report, summary = run_dir / "eval" / "report.json", run_dir / "train_summary.json"
-    return report.exists() and summary.exists() and report.stat().st_mtime >= summary.stat().st_mtime
+@app.command()
+def rl(recipe: Annotated[Path, typer.Argument(help="YAML recipe with an rl: section")],
+       set_: SetOption = None,
+       resume: Annotated[bool, typer.Option("--resume", help="continue from the newest checkpoint")] = False,
+       evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="evaluate after training")] = True,
+       device: DeviceOption = None):
+    """Reinforcement learning of a LoRA adapter from the task's validator (the recipe's rl: section), then evaluate."""
+    from dgemma_ft.finetune.rl.run import rl_command
+
+    rl_command(recipe, overrides=set_ or [], resume=resume, evaluate=evaluate, device=device, console=console)
 
 
 @app.command()
 def check(recipe: Annotated[Path, typer.Argument(help="YAML recipe")], set_: SetOption = None):
     """Validate RECIPE (keys, values, task options, data sources, model name) without training."""
-    from dgemma_ft.finetune.check import check_recipe
+    from dgemma_ft import api
 
-    for line in check_recipe(recipe, set_ or []):
-        console.print(line)
+    for line in api.check(recipe, overrides=set_ or []):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)  # paths stay whole, brackets kept
     console.print("[bold green]ok[/]: the recipe is valid")
 
 
@@ -86,17 +77,11 @@ def estimate(
                                                                                        "tokens")] = None,
         as_json: Annotated[bool, typer.Option("--json", help="print the plan as JSON (bytes)")] = False):
     """Plan the memory of RECIPE's training step and sampler, per GPU size, without downloading weights."""
-    # imported here, like the other commands' modules, to keep `dgemma-ft --help` fast
-    from dgemma_ft.finetune.estimate import estimate as plan_memory
+    from dgemma_ft import api
     from dgemma_ft.finetune.estimate_report import render
-    from dgemma_ft.finetune.recipe import load_recipe
 
-    for name, value in (("--batch-size", batch_size), ("--prompt-tokens", prompt_tokens),
-                        ("--response-tokens", response_tokens)):
-        if value is not None and value <= 0:
-            raise UserError(f"{name} must be a positive number")
-    plan = plan_memory(load_recipe(recipe, set_ or []), batch_size=batch_size, checkpointing=checkpointing,
-                       prompt_tokens=prompt_tokens, response_tokens=response_tokens)
+    plan = api.estimate(recipe, overrides=set_ or [], batch_size=batch_size, checkpointing=checkpointing,
+                        prompt_tokens=prompt_tokens, response_tokens=response_tokens)
     if as_json:
         typer.echo(plan.to_json())
         return
@@ -144,13 +129,11 @@ def eval_command(
     A partial one writes TARGET/evals/NAME (e.g. evals/limit-2_steps-1), unless --out says where; TARGET/eval stays.
 
     --base (adds the base model's rows), --batch-size and --device keep an evaluation full."""
-    from dgemma_ft.inference.run_eval import run_evaluation
+    from dgemma_ft import api
 
-    if limit is not None and limit <= 0:
-        raise UserError("--limit must be a positive number of examples")
-    run_evaluation(target, adapter=adapter, include_base=base, data=data, limit=limit, steps=_steps(steps),
-                   pin=pin, renoise=renoise, batch_size=_batch_size(batch_size), out_dir=out, seed=seed,
-                   console=console, compare=both, device=_device(device))
+    api.evaluate(target, adapter=adapter, base=base, data=data, limit=limit, steps=_steps(steps), pin=pin,
+                 renoise=renoise, compare=both, batch_size=_batch_size(batch_size), seed=seed, out=out,
+                 device=device)  # prints progress and the results table
 
 
 def _batch_size(value: str | None) -> int | str | None:
@@ -178,27 +161,23 @@ def generate(
         adapter: Annotated[Optional[str], typer.Option(help="a PEFT adapter on the base")] = None,
         device: DeviceOption = None):
     """Answer one prompt and print the answer (and its verdict for --example)."""
-    from dgemma_ft.inference.run_eval import generate_one
+    from dgemma_ft import api
 
-    if steps is not None and steps <= 0:
-        raise UserError(f"--steps {steps}: --steps must be a positive number of denoising steps, e.g. --steps 16")
-    result = generate_one(target, prompt=prompt, example=example, steps=steps, pin=pin, renoise=renoise, seed=seed,
-                          trace=trace, data=data, adapter=adapter, device=_device(device))
-    console.print(f"[bold]prompt[/]\n{result['prompt']}", highlight=False)
-    console.print(f"[bold]answer[/]\n{result['output']}", highlight=False)
-    if "verdict" in result:
-        verdict = result["verdict"]
+    result = api.generate(target, prompt=prompt, example=example, steps=steps, pin=pin, renoise=renoise, seed=seed,
+                          trace=trace, data=data, adapter=adapter, device=device)
+    # the texts are escaped: a model's answer (or a prompt) like `[true]` or `[/]` is text, not rich markup
+    console.print(f"[bold]prompt[/]\n{escape(result.prompt)}", highlight=False)
+    console.print(f"[bold]answer[/]\n{escape(result.text)}", highlight=False)
+    if result.verdict is not None:
+        verdict = result.verdict
         colour = "green" if verdict["correct"] else "red"
         console.print(f"[bold {colour}]{'correct' if verdict['correct'] else 'wrong'}[/] "
-                      f"(score {verdict['score']:.2f}): {verdict['reason']}", highlight=False)
-    stats = result["stats"]
+                      f"(score {verdict['score']:.2f}): {escape(verdict['reason'])}", highlight=False)
+    stats = result.stats
     console.print(f"{stats['denoising_steps']} denoising steps, {stats['decoder_forwards']} decoder forwards, "
-                  f"{stats['tokens_per_forward']} tokens/forward" + (f"; trace: {result['trace']}"
-                                                                      if "trace" in result else ""))
-
-
-def _say(message: str) -> None:
-    console.print(message, markup=False, highlight=False, soft_wrap=True)
+                  f"{stats['tokens_per_forward']} tokens/forward" + (f"; trace: {result.trace}"
+                                                                      if result.trace is not None else ""),
+                  markup=False)
 
 
 @app.command()
@@ -213,13 +192,13 @@ def merge(
                                                           "(a larger checkpoint)")] = False,
         device: DeviceOption = None):
     """Fold a run's LoRA adapter into its base and save a standard checkpoint (+ tokenizer, recipe.yaml)."""
-    from dgemma_ft.finetune.merge import merge as merge_run
+    from dgemma_ft import api
 
-    result = merge_run(source, out, dtype=dtype, force=force, untie=untie, say=_say, device=_device(device))
-    total = sum(result.files.values())
+    result = api.merge(source, out, dtype=dtype, force=force, untie=untie, device=device)
+    total, out = sum(result.files.values()), escape(str(result.out))
     console.print(f"[bold green]merged[/] ({result.layout} adapter, {result.dtype}"
-                  f"{', untied' if result.untied else ''}): {result.out} ({total / 2**20:.1f} MiB); "
-                  f"evaluate it with `dgemma-ft eval {result.out}`", highlight=False)
+                  f"{', untied' if result.untied else ''}): {out} ({total / 2**20:.1f} MiB); "
+                  f"evaluate it with `dgemma-ft eval {out}`", highlight=False)
 
 
 @app.command()
@@ -237,15 +216,15 @@ def push(
         token: Annotated[Optional[str], typer.Option(help="Hub token (default: `hf auth login` or HF_TOKEN)")]
         = None):
     """Publish to the Hugging Face Hub with a model card (eval table, recipe, training figures, usage)."""
-    from dgemma_ft.finetune.push import push as push_folder
+    from dgemma_ft import api
 
-    result = push_folder(folder, repo, private=private, adapter_only=adapter_only, revision=revision,
-                         dry_run=dry_run, force=force, token=token, say=_say)
+    result = api.push(folder, repo, private=private, adapter_only=adapter_only, revision=revision,
+                      dry_run=dry_run, force=force, token=token)
     if not result.dry_run:
         console.print(f"[bold green]pushed[/] {len(result.files)} files: {result.url}", highlight=False)
 
 
-COMMANDS = {"train", "check", "estimate", "eval", "generate", "merge", "push", "--help", "-h"}
+COMMANDS = {"train", "rl", "check", "estimate", "eval", "generate", "merge", "push", "--help", "-h"}
 
 
 def _quiet_library_progress() -> None:
@@ -260,7 +239,6 @@ def _quiet_library_progress() -> None:
 def _import_backend_first(argv: list[str]) -> None:
     """Unsloth must be imported before transformers: do it now if the command's recipe (a .yaml, or a run or
     merged folder's recipe.yaml) chooses `model.backend: unsloth`."""
-    # imported here to keep `dgemma-ft --help` fast; it imports no transformers itself
     from dgemma_ft.finetune.model_loading import import_backend_first
 
     if len(argv) < 2 or argv[1].startswith("-"):
@@ -271,14 +249,19 @@ def _import_backend_first(argv: list[str]) -> None:
     import_backend_first(recipe, overrides)
 
 
+def _asks_for_help(argv: list[str]) -> bool:
+    """Help (no arguments, or --help anywhere) only prints text: no library need be imported or quieted."""
+    return not argv or "--help" in argv or "-h" in argv
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
         argv.insert(0, "train")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    quiet_known_noise()
-    _import_backend_first(argv)
-    _quiet_library_progress()
+    if not _asks_for_help(argv):
+        _import_backend_first(argv)
+        _quiet_library_progress()
     try:
         # in non-standalone mode click returns (not raises) the exit code, e.g. typer's 130 for Ctrl-C
         code = app(argv, prog_name="dgemma-ft", standalone_mode=False)
@@ -293,14 +276,16 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(INTERRUPTED) from None
     except typer.Exit as exc:
         raise SystemExit(exc.exit_code) from None
-    except Exception as exc:  # click usage errors come through here in non-standalone mode
+    except Exception as exc:  # usage errors come through here in non-standalone mode
         import click
 
-        if isinstance(exc, click.exceptions.ClickException):
+        if isinstance(exc, (click.exceptions.Abort, typer.Abort)):
+            raise SystemExit(1) from None
+        # click's, or those of the copy of click that typer >= 0.2x ships (typer.TyperException)
+        usage_errors = (click.exceptions.ClickException, getattr(typer, "TyperException", click.ClickException))
+        if isinstance(exc, usage_errors) and hasattr(exc, "show"):
             exc.show()
             raise SystemExit(exc.exit_code) from None
-        if isinstance(exc, click.exceptions.Abort):
-            raise SystemExit(1) from None
         raise
     if isinstance(code, int) and code != 0:
         if code == INTERRUPTED:

@@ -15,6 +15,8 @@ Everything is built on the device of the tensors it is given (the model's).
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from collections.abc import Iterator
 from types import SimpleNamespace
 
@@ -251,17 +253,26 @@ def _feed_soft_embeddings(base, signal: torch.Tensor | None):
                            "supported (the self-conditioning signal would be lost)")
 
 
+@functools.cache
+def _prefix_keyword(module_class: type) -> str:
+    """The forward keyword that takes the KV prefix: transformers 5.25 renamed `past_key_values` to `cache` (the
+    old name warns on every forward and goes in 5.40); earlier versions know only the old one."""
+    return "cache" if "cache" in inspect.signature(module_class.forward).parameters else "past_key_values"
+
+
 def run_decoder(base, canvas: torch.Tensor, prefix: PrefixKV, masks: dict[str, torch.Tensor],
                 positions: torch.Tensor, signal: torch.Tensor | None = None) -> torch.Tensor:
     """Decoder hidden states (B, n, H) for `canvas` (B, n) over `prefix`, with `signal` (B, n, H) as the
     self-conditioning input (None: HF's zeros, the first denoising step)."""
+    decoder = base.model.decoder
     with _feed_soft_embeddings(base, signal):
-        return base.model.decoder(decoder_input_ids=canvas, past_key_values=prefix, decoder_attention_mask=masks,
-                                  decoder_position_ids=positions).last_hidden_state
+        return decoder(decoder_input_ids=canvas, decoder_attention_mask=masks, decoder_position_ids=positions,
+                       **{_prefix_keyword(type(decoder)): prefix}).last_hidden_state
 
 
 def run_encoder(base, tokens: torch.Tensor, prefix: PrefixKV, masks: dict[str, torch.Tensor],
                 positions: torch.Tensor) -> torch.Tensor:
     """Append `tokens` (B, n) to `prefix` through the encoder; returns its last hidden states."""
-    return base.model.encoder(input_ids=tokens, attention_mask=masks, past_key_values=prefix,
-                              position_ids=positions, use_cache=True).last_hidden_state
+    encoder = base.model.encoder
+    return encoder(input_ids=tokens, attention_mask=masks, position_ids=positions, use_cache=True,
+                   **{_prefix_keyword(type(encoder)): prefix}).last_hidden_state

@@ -8,8 +8,13 @@ import contextlib
 import logging
 import warnings
 
-# bitsandbytes tries an optional CPU kernel package at import and logs its absence; its own fallback is used.
+# bitsandbytes (imported by peft and transformers' Trainer, so by every command that loads a model) probes the Hub
+# for an optional CPU kernel at import and logs when it is not there; its own CPU code is used instead.
 BNB_CPU_KERNEL = ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community")
+# With HF_HUB_OFFLINE=1 the `kernels` package first says it skips that probe's publisher check.
+BNB_KERNEL_OFFLINE = ("kernels._internals.hf_hub",
+                      "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'")
+KNOWN_LOG_NOISE = (BNB_CPU_KERNEL, BNB_KERNEL_OFFLINE)
 # transformers 5.2x deprecates the property; peft still reads it (nothing the user calls).
 CHECKPOINTING_DEPRECATION = r"`is_gradient_checkpointing` is deprecated"
 MISSING_KEYS = "There were missing keys in the checkpoint model loaded: "
@@ -25,11 +30,13 @@ class _DropStartingWith(logging.Filter):
 
 
 def quiet_known_noise() -> None:
-    """Install the narrow filters (idempotent). Called by the CLI before any library is imported."""
-    logger_name, start = BNB_CPU_KERNEL
-    logger = logging.getLogger(logger_name)
-    if not any(isinstance(f, _DropStartingWith) and f.start == start for f in logger.filters):
-        logger.addFilter(_DropStartingWith(start))
+    """Install the narrow filters (idempotent). `import dgemma_ft` calls it, so before any library the kit uses
+    is imported (by the CLI, the Python API, or a script importing kit modules): bitsandbytes logs once, at its
+    import."""
+    for logger_name, start in KNOWN_LOG_NOISE:
+        logger = logging.getLogger(logger_name)
+        if not any(isinstance(f, _DropStartingWith) and f.start == start for f in logger.filters):
+            logger.addFilter(_DropStartingWith(start))
     warnings.filterwarnings("ignore", message=CHECKPOINTING_DEPRECATION, category=FutureWarning)
 
 

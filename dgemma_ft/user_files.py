@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError, safe_open
+
 from dgemma_ft.errors import UserError
 
 
@@ -25,11 +27,17 @@ def read_json_file(file: Path, fix: str, label: str = "") -> Any:
 def safetensors_damage(file: Path) -> str | None:
     """Why a safetensors file cannot be loaded (a torn write, an overwritten header), or None. Reads the header
     only: safetensors checks that its offsets end exactly at the end of the file."""
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(str(file), framework="pt") as handle:
             handle.keys()
     except (SafetensorError, OSError) as exc:
         return str(exc).splitlines()[0] or type(exc).__name__
     return None
+
+
+def check_safetensors_header(file: Path, label: str = "") -> None:
+    """The header of a safetensors file reads (a truncated or overwritten file fails here, not mid-load)."""
+    damage = safetensors_damage(file)
+    if damage is not None:
+        where = f"{label}: " if label else ""
+        raise UserError(f"{where}{file} is damaged ({damage}); restore it, or re-save what it holds")

@@ -6,19 +6,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from transformers import AutoConfig, AutoTokenizer
+
 from dgemma_ft.errors import UserError
+from dgemma_ft.finetune.data import encode_example
+from dgemma_ft.finetune.lora import check_adapter_folder
+from dgemma_ft.finetune.model_loading import (inspect_model_folder, preflight, read_run_recipe, run_base_chain,
+                                              run_base_kind)
 from dgemma_ft.finetune.recipe import load_recipe
+from dgemma_ft.finetune.run import build_task_data
+from dgemma_ft.finetune.tiny import build_tiny_model
+from dgemma_ft.output_paths import require_writable_dir
 
 SAMPLE = 64  # training examples built to check that targets fit the canvas
 
 
 def check_recipe(path: str | Path, overrides: list[str]) -> list[str]:
     """Lines describing what was checked; raises `UserError` at the first problem."""
-    from dgemma_ft.finetune.data import encode_example
-    from dgemma_ft.finetune.run import build_task_data
-
     recipe, run = _read(Path(path), overrides)
-    lines = [f"recipe {path}: keys and values valid", _check_output_dir(recipe.train.output_dir)]
+    return check_loaded(recipe, f"recipe {path}", run)
+
+
+def check_loaded(recipe, name: str, run: Path | None = None) -> list[str]:
+    """`check_recipe` for a recipe already read and validated (e.g. built in Python), named `name`."""
+    lines = [f"{name}: keys and values valid", _check_output_dir(recipe.train.output_dir)]
     if run is not None:  # `check RUN`: the run's own result must load too (as `eval RUN` and model.name: RUN do)
         lines.append(check_model(recipe.model.model_copy(update={"name": str(run)}))[0])
     model_line, tokenizer, canvas = check_model(recipe.model)
@@ -38,8 +49,6 @@ def check_recipe(path: str | Path, overrides: list[str]) -> list[str]:
 def _read(path: Path, overrides: list[str]):
     """(recipe, run folder or None): a recipe file, or a run folder (its recipe.yaml); a folder without one, a
     binary file or an unreadable one is one line."""
-    from dgemma_ft.finetune.model_loading import read_run_recipe
-
     if path.is_dir():
         if not (path / "recipe.yaml").is_file():
             raise UserError(f"check: '{path}' is a folder without recipe.yaml; give a recipe .yaml or a run folder")
@@ -49,8 +58,6 @@ def _read(path: Path, overrides: list[str]):
 
 def _check_output_dir(output_dir: str) -> str:
     """Training writes here at its end too: a file in the way or a read-only place must fail now."""
-    from dgemma_ft.output_paths import require_writable_dir
-
     path = require_writable_dir(output_dir, "train.output_dir")
     note = (" (it already holds a run: training needs --resume, or another folder)"
             if (path / "recipe.yaml").exists() else "")
@@ -61,13 +68,9 @@ def check_model(section) -> tuple[str, object | None, int | None]:
     """(line, tokenizer, canvas length) for the recipe's model, checked as far as possible without loading
     weights: the backend, the name, a folder's config, weights and tokenizer, a run folder's recipes, the tiny
     sizes. Tokenizer and canvas are None for a Hub id (nothing is downloaded)."""
-    from dgemma_ft.finetune.model_loading import preflight
-
     kind = preflight(section)  # what `load_model` checks first, in training too
     name = section.name
     if kind == "tiny":
-        from dgemma_ft.finetune.tiny import build_tiny_model
-
         _, tokenizer = build_tiny_model(section.tiny)  # tiny by design; a forward checks the sizes run
         return "model tiny: builds and runs", tokenizer, section.tiny.canvas_length
     if kind == "hub":
@@ -82,8 +85,6 @@ def check_model(section) -> tuple[str, object | None, int | None]:
 
 def _folder_tokenizer_and_canvas(folder: Path, label: str):
     """A saved model folder: its config (checked by transformers too) and its tokenizer."""
-    from dgemma_ft.finetune.model_loading import inspect_model_folder
-
     config = inspect_model_folder(folder, label)
     _parse_config(folder, label)
     return _tokenizer(folder, label), config.get("canvas_length", 256)
@@ -93,9 +94,6 @@ def _run_tokenizer_and_canvas(run: Path):
     """A run folder: every recipe down its chain of bases reads; each saved model/ or adapter/ is complete; the
     canvas is that of the nearest full weights (None when the chain ends at a Hub id, which check does not
     download)."""
-    from dgemma_ft.finetune.lora import check_adapter_folder
-    from dgemma_ft.finetune.model_loading import run_base_chain, run_base_kind
-
     chain = run_base_chain(run)
     canvas = None
     for folder, recipe in chain:
@@ -116,8 +114,6 @@ def _run_tokenizer_and_canvas(run: Path):
 
 def _parse_config(folder: Path, label: str) -> None:
     """transformers' own reading of config.json: values it rejects (e.g. sizes that do not divide) fail here."""
-    from transformers import AutoConfig
-
     try:
         AutoConfig.from_pretrained(str(folder))
     except (OSError, ValueError, TypeError, KeyError) as exc:
@@ -126,8 +122,6 @@ def _parse_config(folder: Path, label: str) -> None:
 
 
 def _tokenizer(folder: Path, label: str):
-    from transformers import AutoTokenizer
-
     try:
         return AutoTokenizer.from_pretrained(str(folder))
     except (OSError, ValueError, TypeError, KeyError) as exc:

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from dgemma_ft.chat import prompt_ids, split_answer
 from dgemma_ft.errors import UserError
 from dgemma_ft.finetune.objective import BlockBatch
 
@@ -27,22 +28,14 @@ def end_of_turn_id(tokenizer) -> int:
     return tokenizer.eos_token_id
 
 
-def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of every message but the last assistant one, with the model-turn opener appended."""
-    context = messages[:-1] if messages and messages[-1]["role"] == "assistant" else messages
-    ids = tokenizer.apply_chat_template(context, add_generation_prompt=True, tokenize=True)
-    if isinstance(ids, dict) or hasattr(ids, "keys"):
-        ids = ids["input_ids"]
-    return list(ids)
-
-
 def encode_example(tokenizer, messages: list[dict[str, str]], canvas_length: int,
                    max_blocks: int | None = None) -> dict[str, Any]:
     """Prompt ids + EOS-filled response ids for one chat example."""
-    if not messages or messages[-1]["role"] != "assistant":
+    target = split_answer(messages)[1]
+    if not isinstance(target, str):
         raise UserError("a training example must end with an assistant message (the target)")
     prompt = prompt_ids(tokenizer, messages)
-    response = tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"]
+    response = tokenizer(target, add_special_tokens=False)["input_ids"]
     response = list(response) + [end_of_turn_id(tokenizer)]
     blocks = max(1, math.ceil(len(response) / canvas_length))
     if max_blocks is not None and blocks > max_blocks:

@@ -29,6 +29,9 @@ import contextlib
 import copy
 
 import torch
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
+from torch.distributed.tensor import DTensor
 
 from dgemma_ft.errors import UserError
 from dgemma_ft.plumbing import unwrap_model
@@ -57,9 +60,6 @@ def forward_through(model, compute):
 
 def _hooked_module(model):
     """The module whose `forward` a DDP / FSDP wrapper calls, or None for a plain model."""
-    from torch.distributed.fsdp import FSDPModule
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
-
     if isinstance(model, (torch.nn.parallel.DistributedDataParallel, FSDP1)):
         return model.module
     return model if isinstance(model, FSDPModule) else None
@@ -131,8 +131,6 @@ def _upcast_trainable(model) -> None:
 
 def shard(model, mesh=None, reshard_after_forward: bool = True, mp_policy=None, offload_policy=None):
     """Apply FSDP2 in place: one group per encoder/decoder layer pair, one for the vision tower, then the root."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, OffloadPolicy, fully_shard
-
     base = unwrap_model(model)
     kwargs = {"mesh": mesh, "mp_policy": mp_policy or MixedPrecisionPolicy(),
               "offload_policy": offload_policy or OffloadPolicy()}
@@ -219,8 +217,6 @@ def unsharded_for_saving(trainer, model):
 def _gather_full(model, keep: bool) -> dict[str, torch.Tensor] | None:
     """{name: full CPU tensor} of every distinct Parameter, on the process that keeps them (None elsewhere).
     All processes visit the Parameters in the same order, one collective each."""
-    from torch.distributed.tensor import DTensor
-
     full = {}
     for name, param in model.named_parameters():
         value = param.full_tensor() if isinstance(param, DTensor) else param

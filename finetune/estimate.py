@@ -44,7 +44,7 @@ from dgemma_ft.finetune.recipe import Recipe, load_recipe
 from dgemma_ft.finetune.tiny import build_tiny_tokenizer, tiny_config
 from dgemma_ft.plumbing import LOGIT_CHUNK_ELEMENTS, chunk_rows
 from dgemma_ft.tasks import get_task
-from dgemma_ft.tasks.base import DATA_DIR
+from dgemma_ft.tasks import DATA_DIR
 
 # ------------------------------------------------------------------------------------- calibration constants
 # First fitted on CPU (dgemma_ft.memory_meter) to a 2-layer model with the released widths (one sliding and one

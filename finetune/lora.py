@@ -13,15 +13,20 @@ and TRL's DiffusionGemma recipes produce) is "separate": it runs as it is, but c
 
 from __future__ import annotations
 
+import hashlib
 import json
+import pickle
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from dgemma_ft.errors import UserError
-from dgemma_ft.user_files import read_json_file
-from dgemma_ft.plumbing import unwrap_model
+from dgemma_ft.finetune.atomic import atomic_dir
 from dgemma_ft.finetune.recipe import TEXT_LINEAR_NAMES
+from dgemma_ft.plumbing import unwrap_model
+from dgemma_ft.user_files import check_safetensors_header, read_json_file
 
 _SUBMODULE = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
               "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
@@ -94,7 +99,7 @@ def unshare_decoder_linears(model, targets=TEXT_LINEAR_NAMES) -> None:
 
 def attach_lora(model, r: int, alpha: float, dropout: float, targets=TEXT_LINEAR_NAMES):
     """Wrap `model` in a PEFT model with one shared LoRA adapter per target linear; all else frozen."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # keeps check fast (peft: ~2 s); also after unsloth
 
     share_decoder_linears(model, targets)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none",
@@ -120,11 +125,6 @@ ADAPTER_KEYS = ("peft_type", "r", "target_modules")
 
 
 def read_adapter_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    import pickle
-
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
     file = path / "adapter_model.safetensors"
     if file.exists():
@@ -186,15 +186,13 @@ def check_adapter_folder(path: str | Path, run: str | Path | None = None) -> Non
             raise UserError(f"{path} {what}; the run has no trained adapter (re-train, or point --adapter at one)")
     read_adapter_config(path)
     if (path / "adapter_model.safetensors").is_file():
-        from dgemma_ft.finetune.model_loading import check_safetensors_header
-
         check_safetensors_header(path / "adapter_model.safetensors", "")
 
 
 def load_adapter(model, path: str | Path, trainable: bool = False):
     """Load a PEFT adapter folder onto `model`: shared adapters are shared again (mergeable), separate ones are
     loaded as plain PEFT does (two adapters per weight)."""
-    from peft import PeftModel
+    from peft import PeftModel  # keeps check fast (as in attach_lora)
 
     read_adapter_config(path)
     layout = adapter_layout(path)
@@ -218,8 +216,6 @@ BASE_RECORD = "dgemma_ft_base.json"
 def base_fingerprint(model) -> str:
     """A short hash of the base's input embeddings, rounded to bfloat16 so that the same base loaded in float32 or
     bfloat16 matches: two bases with equal shapes but different weights differ."""
-    import hashlib
-
     base = unwrap_model(model)
     weight = base.model.decoder.embed_tokens.weight
     sample = weight.detach()[: min(64, weight.shape[0])].to(torch.bfloat16).float().cpu().contiguous()
@@ -247,9 +243,6 @@ def check_adapter_base(model, path: str | Path, fix: str = "load the base it was
 def save_adapter(peft_model, path: str | Path, base_name: str | None = None) -> None:
     """Save a PEFT adapter folder in the standard two-path form (see module docstring), atomically, with a
     record of its base."""
-    from dgemma_ft.finetune.atomic import atomic_dir
-    from safetensors.torch import save_file
-
     fingerprint = base_fingerprint(peft_model)  # embeddings carry no adapter, so this is the base's
     with atomic_dir(path) as staging:
         peft_model.save_pretrained(str(staging))

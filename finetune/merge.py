@@ -30,9 +30,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
+from safetensors import safe_open
+from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
+from transformers.utils import logging as hf_logging
 
 from dgemma_ft.errors import UserError
 from dgemma_ft.finetune.atomic import atomic_dir
+from dgemma_ft.finetune.lora import (BASE_RECORD, adapter_base_name, adapter_layout, check_adapter_base, load_adapter,
+                                     merge_shared, read_adapter_tensors)
+from dgemma_ft.finetune.model_loading import is_run_folder, load_model, resolve_device
+from dgemma_ft.finetune.recipe import load_recipe
 from dgemma_ft.output_paths import require_writable_dir
 
 MERGE_RECORD = "dgemma_ft_merge.json"
@@ -61,8 +69,6 @@ class MergeResult:
 # ------------------------------------------------------------------------------------------------- resolving
 def resolve_run_folder(source: str | Path) -> Path:
     """The run folder for `source` (a run folder, or its adapter/ or model/ subfolder)."""
-    from dgemma_ft.finetune.model_loading import is_run_folder
-
     path = Path(source).expanduser()
     if not path.exists():
         raise UserError(f"merge: '{source}' does not exist; give the run folder that `dgemma-ft train` wrote "
@@ -104,8 +110,6 @@ def _is_hub_id(name: str | None) -> bool:
 
 def recorded_base(adapter_dir: Path) -> str | None:
     """The base an adapter says it was trained on: dgemma_ft_base.json, else PEFT's base_model_name_or_path."""
-    from dgemma_ft.finetune.lora import BASE_RECORD, adapter_base_name
-
     record = adapter_dir / BASE_RECORD
     if record.exists():
         name = json.loads(record.read_text()).get("base")
@@ -125,8 +129,6 @@ def check_base_name(adapter_dir: Path, loaded_base: str) -> None:
 
 def check_adapter_shapes(model, adapter_dir: Path) -> None:
     """Every LoRA tensor must name a linear of `model` with matching in/out features."""
-    from dgemma_ft.finetune.lora import read_adapter_tensors
-
     tensors = read_adapter_tensors(adapter_dir)
     pattern = re.compile(r"^(?:base_model\.model\.)?(.*)\.lora_([AB])(?:\.[^.]+)?\.weight$")
     for key, tensor in tensors.items():
@@ -193,9 +195,6 @@ def merge(run_dir_or_adapter_source: str | Path, out: str | Path, dtype: str = "
     run = resolve_run_folder(run_dir_or_adapter_source)
     out = Path(out).expanduser()
     check_output(out, run, force)
-
-    from dgemma_ft.finetune.recipe import load_recipe
-
     recipe = load_recipe(run / "recipe.yaml")
     if (run / "model").is_dir():
         model, tokenizer, layout, base = _load_full(run, dtype, device)
@@ -223,8 +222,6 @@ def _write_merged_recipe(source: Path, target: Path) -> None:
     """The run's recipe.yaml, for `dgemma-ft eval DIR`. A QLoRA run's recipe says `load_in_4bit: true`, which
     would re-quantize the merged checkpoint when it is evaluated; the merged folder holds full-precision weights,
     so its recipe says `load_in_4bit: false` (the merge record keeps `trained_in_4bit`)."""
-    import yaml
-
     text = source.read_text(encoding="utf-8")
     data = yaml.safe_load(text)
     model = data.get("model") if isinstance(data, dict) else None
@@ -235,10 +232,6 @@ def _write_merged_recipe(source: Path, target: Path) -> None:
 
 
 def _load_full(run: Path, dtype: str, device: str | None = None):
-    from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
-
-    from dgemma_ft.finetune.model_loading import resolve_device
-
     folder = run / "model"
     try:
         model = DiffusionGemmaForBlockDiffusion.from_pretrained(
@@ -247,16 +240,11 @@ def _load_full(run: Path, dtype: str, device: str | None = None):
     except OSError as exc:
         raise UserError(f"{folder}: cannot load the run's weights ({str(exc).splitlines()[0]}); is the run "
                         f"finished? (`dgemma-ft train --resume` completes it)") from None
-    from dgemma_ft.finetune.recipe import load_recipe
-
     base = load_recipe(run / "recipe.yaml").model.name
     return model, tokenizer, "full", base
 
 
 def _load_and_merge(run: Path, recipe, dtype: str, untie: bool, say, device: str | None = None):
-    from dgemma_ft.finetune.lora import adapter_layout, check_adapter_base, load_adapter, merge_shared
-    from dgemma_ft.finetune.model_loading import load_model
-
     adapter_dir = run / "adapter"
     layout = adapter_layout(adapter_dir)
     if layout == "separate" and not untie:
@@ -279,7 +267,7 @@ def _load_and_merge(run: Path, recipe, dtype: str, untie: bool, say, device: str
             say("note: the adapter is shared (one adapter for both paths); --untie is not needed and is ignored")
         model = merge_shared(load_adapter(model, adapter_dir))
     else:
-        from peft import PeftModel
+        from peft import PeftModel  # keeps check fast (peft: ~2 s), as in lora.py
 
         untie_weights(model)
         try:
@@ -291,16 +279,12 @@ def _load_and_merge(run: Path, recipe, dtype: str, untie: bool, say, device: str
         untied = True
     tokenizer = loaded.tokenizer
     if (adapter_dir / "tokenizer_config.json").exists():
-        from transformers import AutoTokenizer
-
         tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
     return model, tokenizer, layout, recorded_base(adapter_dir) or loaded.base_name, untied
 
 
 def _check_untied_files(folder: Path) -> None:
     """An untied checkpoint must hold the encoder's own text weights and say tie_word_embeddings: false."""
-    from safetensors import safe_open
-
     config = json.loads((folder / "config.json").read_text())
     keys: set[str] = set()
     for file in folder.glob("*.safetensors"):
@@ -314,13 +298,9 @@ class _quiet_transformers:
     """Silence transformers' info/warning chatter while saving (the CLI prints one summary line)."""
 
     def __enter__(self):
-        from transformers.utils import logging
-
-        self._level = logging.get_verbosity()
-        logging.set_verbosity_error()
+        self._level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
 
     def __exit__(self, *exc):
-        from transformers.utils import logging
-
-        logging.set_verbosity(self._level)
+        hf_logging.set_verbosity(self._level)
         return False

@@ -2,7 +2,8 @@
 
 It says what the model is (adapter, merged or fully fine-tuned checkpoint of which base), how it was trained (the
 recipe and the training figures), how well it does (the evaluation table), and how to run it with this kit and
-with plain transformers / PEFT.
+with plain transformers / PEFT. The front matter is huggingface_hub's `ModelCardData`; the evaluation's solve rates
+go into it as `EvalResult`s, so the Hub shows them as the card's model-index.
 """
 
 from __future__ import annotations
@@ -11,7 +12,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from dgemma_ft.errors import DataError
+from dgemma_ft.finetune.tiny import CHARACTERS, SPECIAL_TOKENS
+from dgemma_ft.tasks.sources import parse_hf_source
 
 KIT = "dgemma-ft"
 _GEMMA_VOCAB = 262144  # the released DiffusionGemma tokenizer
@@ -44,8 +49,6 @@ def is_hub_id(name: str | None) -> bool:
 def license_for(base: str | None, vocab_size: int | None) -> str | None:
     """Google's DiffusionGemma is under the Gemma terms; the kit's built-in tiny model is the kit's own
     (Apache-2.0). Anything else: unknown (the card then asks the reader to check the base's licence)."""
-    from dgemma_ft.finetune.tiny import CHARACTERS, SPECIAL_TOKENS
-
     if (base or "").lower().startswith("google/") or (vocab_size or 0) >= _GEMMA_VOCAB:
         return "gemma"
     if base == "tiny" or vocab_size == len(SPECIAL_TOKENS) + len(CHARACTERS):
@@ -53,19 +56,26 @@ def license_for(base: str | None, vocab_size: int | None) -> str | None:
     return None
 
 
+def _hub_dataset(source: str | None) -> tuple[str, str | None, str | None] | None:
+    """(dataset id, config, split) of an `hf:owner/name[:config][@split]` source; None for anything else."""
+    if not source or not source.startswith("hf:"):
+        return None
+    try:
+        return parse_hf_source(source)
+    except DataError:  # a report.json edited by hand; the card then names the source as written
+        return None
+
+
 def datasets_of(recipe) -> list[str]:
     """Hub datasets named by the recipe's task sources (`hf:owner/name[:config][@split]`)."""
     if recipe is None:
         return []
+    sources = [spec.source for spec in (recipe.task.train, recipe.task.eval) if spec is not None]
     found = []
-    specs = [recipe.task.train, recipe.task.eval, *[type(recipe.task.train)(source=s)
-                                                    for s in recipe.task.exclude_sources]]
-    for spec in specs:
-        if spec is None or not spec.source.startswith("hf:"):
-            continue
-        name = spec.source[3:].split("@")[0].split(":")[0]
-        if name and name not in found:
-            found.append(name)
+    for source in [*sources, *recipe.task.exclude_sources]:
+        hub = _hub_dataset(source)
+        if hub and hub[0] not in found:
+            found.append(hub[0])
     return found
 
 
@@ -83,16 +93,43 @@ def final_logged_loss(log: Path) -> float | None:
     return loss
 
 
-# ---------------------------------------------------------------------------------------------------- sections
-def front_matter(info: CardInfo) -> dict:
-    meta: dict = {}
-    if is_hub_id(info.base):
-        meta["base_model"] = info.base
-        meta["base_model_relation"] = {"adapter": "adapter", "merged": "merge", "full": "finetune"}[info.kind]
-    meta["library_name"] = "peft" if info.kind == "adapter" else "transformers"
-    meta["pipeline_tag"] = "text-generation"
-    if info.license:
-        meta["license"] = info.license
+# ------------------------------------------------------------------------------------------------- metadata
+def eval_results(info: CardInfo) -> list[EvalResult]:
+    """The report's solve rates for this model (not the base it was compared with), one per sampler setting, as
+    the Hub's model-index holds them. A partial evaluation (`eval --limit 2`, other steps...) is left out: the Hub
+    would show its figures as the model's score."""
+    report = info.eval_report or {}
+    if is_partial(report):
+        return []
+    task = report.get("task") or info.task
+    dataset = _eval_dataset(report.get("data"), task)
+    return [EvalResult(task_type="text-generation", task_name=task, **dataset, metric_type="accuracy",
+                       metric_name=f"solve rate ({setting_words(row)})", metric_value=float(row["solve_rate"]))
+            for row in report.get("results", [])
+            if row.get("model") != "base" and isinstance(row.get("solve_rate"), (int, float))]
+
+
+def _eval_dataset(source: str | None, task: str | None) -> dict:
+    """The model-index's dataset fields for the report's eval source: a Hub dataset with its config and split, a
+    local file (its stem as the type, the path as the name), or the task's generated examples."""
+    hub = _hub_dataset(source)
+    if hub:
+        return dict(dataset_type=hub[0], dataset_name=hub[0], dataset_config=hub[1], dataset_split=hub[2])
+    if source == "generate":
+        return dict(dataset_type="generated", dataset_name=f"{task or 'task'} examples generated by {KIT}")
+    if source:
+        return dict(dataset_type=Path(source).stem or source, dataset_name=source)
+    return dict(dataset_type="unknown", dataset_name="eval set")
+
+
+def setting_words(row: dict) -> str:
+    """One sampler setting of the report, as the metric's name says it."""
+    return (f"{row.get('steps', '-')} denoising steps, pin {_on_off(row.get('pin'))}, "
+            f"renoise {_on_off(row.get('renoise'))}")
+
+
+def card_data(info: CardInfo) -> ModelCardData:
+    """The card's YAML front matter: what the Hub filters, links and shows (model-index from `eval_results`)."""
     tags = ["diffusion", "block-diffusion", "diffusion_gemma", KIT]
     if info.task:
         tags.append(info.task)
@@ -100,12 +137,18 @@ def front_matter(info: CardInfo) -> dict:
         tags.append("lora")
     elif info.kind == "merged":
         tags.append("merged-lora")
-    meta["tags"] = tags
-    if info.datasets:
-        meta["datasets"] = list(info.datasets)
-    return meta
+    results = eval_results(info)
+    hub_base = is_hub_id(info.base)
+    relation = {"adapter": "adapter", "merged": "merge", "full": "finetune"}[info.kind] if hub_base else None
+    extra = {"base_model_relation": relation} if relation else {}
+    return ModelCardData(base_model=info.base if hub_base else None,
+                         library_name="peft" if info.kind == "adapter" else "transformers",
+                         pipeline_tag="text-generation", license=info.license, tags=tags,
+                         datasets=list(info.datasets) or None, eval_results=results or None,
+                         model_name=info.repo.split("/")[-1] if results else None, **extra)
 
 
+# ---------------------------------------------------------------------------------------------------- sections
 def eval_table(report: dict) -> str:
     """A markdown table of the report's `results` (one row per model and sampler setting)."""
     rows = ["| model | denoising steps | pin | renoise | solved | solve rate | tokens/forward |",
@@ -148,7 +191,7 @@ def _what(info: CardInfo) -> str:
     return (f"{base} fully fine-tuned with {KIT}" + (f" on the `{info.task}` task." if info.task else "."))
 
 
-def _results(info: CardInfo) -> list[str]:
+def _evaluation(info: CardInfo) -> list[str]:
     report = info.eval_report
     if not report or not report.get("results"):
         return ["## Evaluation", "", "No evaluation report was found; run `dgemma-ft eval` on the run folder "
@@ -163,7 +206,18 @@ def _results(info: CardInfo) -> list[str]:
     if info.eval_source:
         lines += [f"Measured with {KIT} on {info.eval_source}.", ""]
     lines += [eval_table(report), ""]
+    if eval_results(info):
+        lines += ["This model's solve rates (not the base's rows) are also in the card's metadata (model-index), so "
+                  "the Hub lists them as its evaluation results.", ""]
+    elif is_partial(report):
+        lines += ["A partial evaluation stays out of the card's metadata (model-index), so the Hub does not show "
+                  "it as the model's score.", ""]
     return lines
+
+
+def is_partial(report: dict | None) -> bool:
+    """Whether report.json says it is a partial evaluation (`eval --limit 2`, other steps, another --data...)."""
+    return bool(report) and (report.get("evaluation") or {}).get("scope") == "partial"
 
 
 def is_full_evaluation(report: dict | None) -> bool:
@@ -269,13 +323,18 @@ def _usage(info: CardInfo) -> list[str]:
     return lines
 
 
-def build_card(info: CardInfo) -> str:
-    meta = yaml.safe_dump(front_matter(info), sort_keys=False).strip()
+def model_card(info: CardInfo) -> ModelCard:
+    """The card: `card_data` as front matter, then what the model is, its evaluation, training and usage."""
     title = info.repo.split("/")[-1]
-    parts = ["---", meta, "---", "", f"# {title}", "", _what(info), ""]
+    parts = ["", f"# {title}", "", _what(info), ""]
     if not info.license:
         parts += ["Licence: this model inherits the licence of its base model; check it before use.", ""]
-    parts += _results(info) + _training(info) + _usage(info)
+    parts += _evaluation(info) + _training(info) + _usage(info)
     parts += ["## About", "", f"Made with {KIT}, a fine-tuning kit for block-diffusion language models "
                               f"(DiffusionGemma).", ""]
-    return "\n".join(parts)
+    return ModelCard(f"---\n{card_data(info).to_yaml()}\n---\n" + "\n".join(parts))
+
+
+def build_card(info: CardInfo) -> str:
+    """The README.md text `push` uploads."""
+    return str(model_card(info))

@@ -6,6 +6,8 @@ from __future__ import annotations
 import gc
 import importlib
 import importlib.util
+import json
+import logging
 import re
 import sys
 import warnings
@@ -14,10 +16,14 @@ from pathlib import Path
 
 import torch
 import yaml
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from dgemma_ft.errors import UserError
-from dgemma_ft.user_files import read_json_file, safetensors_damage
-from dgemma_ft.finetune.recipe import ModelSection
+from dgemma_ft.finetune import quantize_experts as experts_nf4  # used as a module: tests patch its functions
+from dgemma_ft.finetune.lora import check_adapter_folder, load_adapter, merge_shared, share_decoder_linears
+from dgemma_ft.finetune.recipe import ModelSection, load_recipe
+from dgemma_ft.finetune.tiny import build_tiny_model
+from dgemma_ft.user_files import check_safetensors_header, read_json_file
 
 # Modules that stay in full precision under 4-bit loading: the vision tower, the router, self-conditioning and
 # the head are small or numerically delicate. (The 3-D expert tensors are not linears: `quantize_experts` stores
@@ -49,8 +55,6 @@ def _is_trained_run_without_result(path: Path) -> bool:
 
 def _could_be_hub_id(name: str) -> bool:
     """`owner/name` that the Hub would accept; anything path-like (./x, /x, ~/x, a\\b, a/b/c, x/) is not."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     if name.startswith((".", "/", "~")) or "\\" in name or name.endswith(("/", "\\")) or name.count("/") != 1:
         return False
     try:
@@ -109,8 +113,6 @@ def require_finished_run(path: str | Path) -> None:
 
 def read_run_recipe(run: str | Path, overrides: list[str] | None = None):
     """A run folder's recipe.yaml; a damaged one is named as the run's file, with what is wrong."""
-    from dgemma_ft.finetune.recipe import load_recipe
-
     file = Path(run) / "recipe.yaml"
     try:
         return load_recipe(file, overrides)  # unreadable, binary and non-UTF-8 files are UserErrors there too
@@ -182,8 +184,6 @@ def _read_config(folder: Path, label: str) -> dict:
 
 def _check_weights(folder: Path, label: str) -> None:
     """Weights are present, every shard an index names exists, and every safetensors header reads."""
-    import json
-
     files = sorted({f for pattern in WEIGHT_PATTERNS for f in folder.glob(pattern)})
     if not files:
         raise UserError(f"{label} has no weights (*.safetensors) in '{folder}'; save the model there with "
@@ -200,14 +200,6 @@ def _check_weights(folder: Path, label: str) -> None:
     for file in files:
         if file.suffix == ".safetensors":
             check_safetensors_header(file, label)
-
-
-def check_safetensors_header(file: Path, label: str = "") -> None:
-    """The header of a safetensors file reads (a truncated or overwritten file fails here, not mid-load)."""
-    damage = safetensors_damage(file)
-    if damage is not None:
-        where = f"{label}: " if label else ""
-        raise UserError(f"{where}{file} is damaged ({damage}); restore it, or re-save what it holds")
 
 
 def check_backend(section: ModelSection) -> None:
@@ -274,8 +266,6 @@ def load_model(section: ModelSection, merge_adapter: bool = True) -> LoadedModel
     device = resolve_device(section.device)
     name = section.name
     if kind == "tiny":
-        from dgemma_ft.finetune.tiny import build_tiny_model
-
         model, tokenizer = build_tiny_model(section.tiny)
         model.to(device=device, dtype=dtype)
         _set_attention(model, section.attn_implementation)
@@ -314,7 +304,7 @@ def _quantization_config(section: ModelSection, dtype: torch.dtype):
     if importlib.util.find_spec("bitsandbytes") is None:
         raise UserError("model.load_in_4bit needs bitsandbytes: pip install 'dgemma-ft[bnb]' (or set "
                         "model.load_in_4bit: false)")
-    from transformers import BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig  # after unsloth: the CLI imports this module to load unsloth first
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.float32,
@@ -322,7 +312,7 @@ def _quantization_config(section: ModelSection, dtype: torch.dtype):
 
 
 def _load_pretrained(name: str, section: ModelSection, dtype: torch.dtype) -> LoadedModel:
-    from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
+    from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion  # after unsloth (see _quantization_config)
 
     device = resolve_device(section.device)
     quantization = _quantization_config(section, dtype)
@@ -350,12 +340,10 @@ def _load_pretrained(name: str, section: ModelSection, dtype: torch.dtype) -> Lo
                         f"DIR`) and set model.name to that local folder") from None
     if quantization is not None:
         _share_after_quantization(model)
-        from dgemma_ft.finetune.quantize_experts import quantize_experts
-
         if staged:
             _place_4bit(model, device)
         else:
-            quantize_experts(model)  # the 3-D expert tensors, which bitsandbytes' loader leaves in 16-bit
+            experts_nf4.quantize_experts(model)  # the 3-D expert tensors, which bitsandbytes leaves in 16-bit
         keep_4bit_linears_differentiable(model)
     return LoadedModel(model, tokenizer, source=name, base_name=name)
 
@@ -370,11 +358,11 @@ def keep_4bit_linears_differentiable(model) -> int:
     Evaluating and then training in one process (RL, or tests) is normal here, so the repacking is disabled.
     Returns how many linears were touched."""
     try:
-        import bitsandbytes as bnb
+        import bitsandbytes as bnb  # optional: bitsandbytes
     except ImportError:
         return 0
     try:  # bitsandbytes versions without the repacking have no inverse either
-        from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse  # no public inverse exists
+        from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse  # optional; no public inverse
     except ImportError:
         _convert_weight_packed_for_cpu_inverse = None
     touched = 0
@@ -409,14 +397,10 @@ class _held_transformers_logs:
     table above it); after a successful one the records are logged as usual."""
 
     def __init__(self, held: list):
-        import logging
-
         self.held = held
         self.logger = logging.getLogger("transformers")
 
     def __enter__(self):
-        import logging
-
         held = self.held
 
         class Hold(logging.Handler):
@@ -459,19 +443,15 @@ def _place_4bit(model, device: torch.device) -> None:
     A single-device map means transformers dispatches no accelerate hooks (it does for mixed cpu/GPU maps, which
     would replace the CPU weights by meta tensors behind offload hooks), and the decoder keeps pointing at the
     encoder's modules. Peak device memory: the final footprint (~13.5 GiB) plus one 16-bit expert tensor."""
-    from dgemma_ft.finetune.quantize_experts import check_device, quantize_experts
-
-    quantize_experts(model, device=device)
+    experts_nf4.quantize_experts(model, device=device)
     model.to(device)
-    check_device(model, device)
+    experts_nf4.check_device(model, device)
     free_memory()
 
 
 def _share_after_quantization(model) -> None:
     """bitsandbytes replaces encoder and decoder linears separately; point the decoder at the encoder's
     quantized modules so the shared weights stay shared (and one adapter serves both)."""
-    from dgemma_ft.finetune.lora import share_decoder_linears
-
     share_decoder_linears(model, force=True)
 
 
@@ -486,8 +466,6 @@ def _load_run_folder(path: Path, section: ModelSection, dtype: torch.dtype, merg
         loaded.source = str(path)
         loaded.base_name = run_recipe.model.name if run_recipe.model.name != "tiny" else str(path)
         return loaded
-    from dgemma_ft.finetune.lora import check_adapter_folder, load_adapter, merge_shared
-
     check_adapter_folder(path / "adapter", run=path)
     run_base_kind(path, run_recipe.model.name)
     base = load_model(run_recipe.model.model_copy(update={"dtype": section.dtype, "device": section.device}))

@@ -21,9 +21,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import huggingface_hub
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
 from dgemma_ft.errors import UserError
+from dgemma_ft.finetune.lora import adapter_layout
+from dgemma_ft.finetune.merge import MERGE_RECORD, recorded_base
 from dgemma_ft.finetune.model_card import (CardInfo, build_card, datasets_of, final_logged_loss, is_full_evaluation,
                                            license_for)
+from dgemma_ft.finetune.model_loading import is_run_folder
+from dgemma_ft.finetune.recipe import load_recipe
 
 LOGIN_HELP = ("not logged in to the Hugging Face Hub: run `hf auth login` (or set HF_TOKEN to a token with write "
               "access, or pass --token), then push again; --dry-run shows what would be pushed without a token")
@@ -60,9 +68,6 @@ class PushResult:
 def check_repo_id(repo: str | None) -> str:
     """`owner/name` as the Hub accepts it, checked before anything is read or uploaded (the Hub would refuse it
     only after the card and the file list were built, or create a repo in the wrong namespace)."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
     fix = "give owner/name, e.g. --repo your-name/sudoku-dgemma"
     if not repo or repo.count("/") != 1:
         raise UserError(f"--repo {repo!r}: {fix} (exactly one '/', your user or organisation name first)")
@@ -109,8 +114,6 @@ def _base_vocab_size(base: str | None, depth: int = 0) -> int | None:
         return _vocab_size(path / "model" / "config.json")
     if (path / "recipe.yaml").is_file():
         try:
-            from dgemma_ft.finetune.recipe import load_recipe
-
             name = load_recipe(path / "recipe.yaml").model.name
         except UserError:
             return None
@@ -120,21 +123,15 @@ def _base_vocab_size(base: str | None, depth: int = 0) -> int | None:
 
 def _root_base(name: str | None, depth: int = 0) -> str | None:
     """Follow run folders named as model.name down to the checkpoint at the root ('tiny', a Hub id, a folder)."""
-    from dgemma_ft.finetune.model_loading import is_run_folder
-
     if not name or depth > 8 or not is_run_folder(name):
         return name
     try:
-        from dgemma_ft.finetune.recipe import load_recipe
-
         return _root_base(load_recipe(Path(name) / "recipe.yaml").model.name, depth + 1) or name
     except UserError:
         return name
 
 
 def _run_info(run: Path):
-    from dgemma_ft.finetune.recipe import load_recipe
-
     recipe = load_recipe(run / "recipe.yaml")
     return (recipe, (run / "recipe.yaml").read_text(encoding="utf-8"), _read_json(run / "eval" / "report.json"),
             _read_json(run / "train_summary.json"), final_logged_loss(run / "logs" / "train_log.jsonl"))
@@ -142,10 +139,6 @@ def _run_info(run: Path):
 
 def plan_push(folder: str | Path, repo: str, adapter_only: bool = False) -> PushPlan:
     """What `push` would upload, with its card; raises `UserError` for a folder it cannot push."""
-    from dgemma_ft.finetune.lora import adapter_layout
-    from dgemma_ft.finetune.merge import MERGE_RECORD, recorded_base
-    from dgemma_ft.finetune.model_loading import is_run_folder
-
     path = Path(folder).expanduser()
     if not path.exists():
         raise UserError(f"push: '{folder}' does not exist; give a run folder or a merged model folder")
@@ -187,8 +180,6 @@ def plan_push(folder: str | Path, repo: str, adapter_only: bool = False) -> Push
         info = CardInfo(kind=kind, repo=repo, base=base, layout=layout, untied=bool(record.get("untied")),
                         dtype=record.get("dtype"), license=license_for(base, _vocab_size(path / "config.json")))
         if (path / "recipe.yaml").is_file():
-            from dgemma_ft.finetune.recipe import load_recipe
-
             recipe = load_recipe(path / "recipe.yaml")
             info.task, info.datasets = recipe.task.name, datasets_of(recipe)
             info.recipe_text = (path / "recipe.yaml").read_text(encoding="utf-8")
@@ -270,12 +261,10 @@ def push(folder: str | Path, repo: str, private: bool = False, adapter_only: boo
             + (f" (branch {revision})" if revision else "") + ":\n" + file_listing(files))
         return PushResult(repo, plan.kind, files, plan.card, dry_run=True, revision=revision)
 
-    from huggingface_hub import HfApi, get_token
-
-    token = token or get_token()
+    token = token or huggingface_hub.get_token()
     if not token:
         raise UserError(f"push: {LOGIN_HELP}")
-    api = HfApi(endpoint=endpoint, token=token)
+    api = huggingface_hub.HfApi(endpoint=endpoint, token=token)
     try:
         repo_url = api.create_repo(repo, private=private, exist_ok=True, repo_type="model")
         repo_id = getattr(repo_url, "repo_id", None) or repo
@@ -301,8 +290,6 @@ def push(folder: str | Path, repo: str, private: bool = False, adapter_only: boo
 
 
 def _hub_error(exc: Exception, repo: str, endpoint: str) -> str:
-    from huggingface_hub.errors import HfHubHTTPError
-
     if isinstance(exc, HfHubHTTPError) and exc.response is not None:
         status = exc.response.status_code
         if status == 401:

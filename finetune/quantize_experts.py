@@ -84,7 +84,7 @@ def quantize_experts(model, blocksize: int = BLOCKSIZE, double_quant: bool = DOU
     `device`: where the NF4 experts go. None quantizes each tensor where it is. Otherwise each 16-bit tensor is
     copied to `device` on its own, quantized there and its copies dropped before the next (see the module
     docstring): at most one 16-bit expert tensor is on the device at a time."""
-    from bitsandbytes.nn.parametrize import replace_parameter_4bit
+    from bitsandbytes.nn.parametrize import replace_parameter_4bit  # optional: bitsandbytes
 
     target = torch.device(device) if device is not None else None
     share_decoder_experts(model)  # first, so the 16-bit tensors are freed as soon as each is quantized
@@ -150,7 +150,7 @@ def _absmax(state, first: int, last: int) -> torch.Tensor:
     """Float32 scales of NF4 blocks [first, last), dequantizing only the nested blocks that cover them."""
     if not state.nested:
         return state.absmax[first:last].float()
-    from bitsandbytes import functional as F
+    from bitsandbytes import functional as F  # optional: bitsandbytes
 
     nested = state.state2
     start, stop = first // nested.blocksize, -(-last // nested.blocksize)
@@ -231,7 +231,7 @@ def dequantized_experts(experts) -> dict[str, torch.Tensor]:
 
 def nf4_round_trip(tensor: torch.Tensor, blocksize: int = BLOCKSIZE, double_quant: bool = DOUBLE_QUANT):
     """`tensor` quantized to NF4 as `quantize_experts` stores it, then dequantized."""
-    from bitsandbytes import functional as F
+    from bitsandbytes import functional as F  # optional: bitsandbytes
 
     packed, state = F.quantize_4bit(tensor.detach(), blocksize=blocksize, compress_statistics=double_quant,
                                     quant_type="nf4")

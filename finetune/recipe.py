@@ -14,9 +14,10 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationI
 from pydantic_core import PydanticCustomError
 
 from dgemma_ft.errors import UserError
+from dgemma_ft.finetune.rl.config import RLConfig
 from dgemma_ft.finetune.tiny import TinySpec
-from dgemma_ft.tasks.base import (NumbersNotBooleans, SourceSpec, check_numbers, clean_message, describe_input,
-                                  task_class)
+from dgemma_ft.strict_models import NumbersNotBooleans, check_numbers, clean_message, describe_input
+from dgemma_ft.tasks import SourceSpec, task_class
 
 TEXT_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MAX_RECIPE_BYTES = 2**20  # a recipe is a few KB of YAML; a larger file is not one (and is not read whole)
@@ -210,6 +211,8 @@ class Recipe(_Section):
     lora: LoraSection = Field(default_factory=LoraSection)
     train: TrainSection = Field(default_factory=TrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)
+    rl: RLConfig | None = Field(None, description="what `dgemma-ft rl` does (reinforcement learning from the "
+                                                     "task's validators)")
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
@@ -222,7 +225,8 @@ class Recipe(_Section):
         return self
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        data = self.model_dump(mode="json", exclude={"rl"} if self.rl is None else None)  # no `rl: null` line
+        return yaml.safe_dump(data, sort_keys=False)
 
 
 # ---------------------------------------------------------------------------------------------------- loading

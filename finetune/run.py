@@ -3,7 +3,7 @@ block-diffusion objective, and save a run folder:
 
     RUN/recipe.yaml          the fully resolved recipe (a run folder is itself a valid `model.name`)
     RUN/adapter/ | RUN/model/  the LoRA adapter (standard PEFT folder) or the full weights, with the tokenizer
-    RUN/checkpoints/         checkpoint-N folders (written atomically), for `--resume`
+    RUN/checkpoints/         checkpoint-N folders, for `--resume` (which skips one a crash left torn)
     RUN/logs/                TensorBoard events and train_log.jsonl
     RUN/trainer_state.json, RUN/train_summary.json
 """
@@ -18,17 +18,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from dgemma_ft.errors import Interrupted, UserError
 from dgemma_ft.finetune.atomic import atomic_dir, atomic_write_text
+from dgemma_ft.finetune.data import BlockCollator, encode_dataset
+from dgemma_ft.finetune.distributed import unsharded_for_saving
+from dgemma_ft.finetune.lora import attach_lora, save_adapter
+from dgemma_ft.finetune import model_loading  # called as model_loading.load_model: tests patch it there
 from dgemma_ft.finetune.model_loading import free_memory, preflight, resolve_device
+from dgemma_ft.finetune.objective import ObjectiveConfig
 from dgemma_ft.finetune.recipe import Recipe
 from dgemma_ft.finetune.run_folder import (RunState, checkpoint_step, claim, clear_unstarted, inspect,
                                            newest_complete_checkpoint)
 from dgemma_ft.output_paths import require_writable_dir
 from dgemma_ft.quiet import shared_keys_not_missing, shared_parameter_names
 from dgemma_ft.plumbing import temperature_range
-from dgemma_ft.tasks.base import SourceSpec, Task, get_task
+from dgemma_ft.tasks import SourceSpec, Task, get_task
 
 
 def is_main_process() -> bool:
@@ -63,10 +69,7 @@ def build_task_data(recipe: Recipe, train_size: int | None = None) -> TaskData:
 
 def prepare_model(recipe: Recipe):
     """(model ready to train, tokenizer, LoadedModel)."""
-    from dgemma_ft.finetune.lora import attach_lora
-    from dgemma_ft.finetune.model_loading import load_model
-
-    loaded = load_model(recipe.model)
+    loaded = model_loading.load_model(recipe.model)
     model = loaded.model
     if recipe.finetune == "lora":
         model = attach_lora(model, recipe.lora.r, recipe.lora.alpha, recipe.lora.dropout, recipe.lora.targets)
@@ -135,11 +138,11 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> Path:
 
 
 def _train(recipe: Recipe, run_dir: Path, checkpoint: Path | None, say) -> Path:
+    # imported here: transformers' Trainer stack (accelerate, bitsandbytes) takes seconds to import, and
+    # `dgemma-ft check` imports this module (build_task_data) without training
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from dgemma_ft.finetune.data import BlockCollator, encode_dataset
-    from dgemma_ft.finetune.distributed import unsharded_for_saving
-    from dgemma_ft.finetune.trainer import (BlockDiffusionTrainer, JsonlLog, RichProgress, tensorboard_dir,
+    from dgemma_ft.finetune.trainer import (BlockDiffusionTrainer, JsonlLog, RichProgress, tensorboard_log,
                                             training_arguments)
 
     device = training_device(recipe.model.device)
@@ -169,11 +172,12 @@ def _train(recipe: Recipe, run_dir: Path, checkpoint: Path | None, say) -> Path:
     examples_per_step = recipe.train.batch_size * recipe.train.grad_accum * max(1, args.world_size)
     objective = objective_config(recipe.train, loaded.model)
     resume_step = checkpoint_step(checkpoint) if checkpoint else 0
-    with tensorboard_dir(run_dir / "logs"):
-        trainer = BlockDiffusionTrainer(
-            model=model, args=args, train_dataset=encoded, data_collator=BlockCollator(tokenizer.pad_token_id),
-            processing_class=tokenizer, objective=objective,
-            callbacks=[RichProgress(examples_per_step), JsonlLog(run_dir / "logs" / "train_log.jsonl", resume_step)])
+    callbacks = [RichProgress(examples_per_step), JsonlLog(run_dir / "logs" / "train_log.jsonl", resume_step)]
+    if is_main_process():
+        callbacks.append(tensorboard_log(run_dir / "logs"))
+    trainer = BlockDiffusionTrainer(
+        model=model, args=args, train_dataset=encoded, data_collator=BlockCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer, objective=objective, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
 
@@ -205,8 +209,6 @@ def _train(recipe: Recipe, run_dir: Path, checkpoint: Path | None, say) -> Path:
 def save_from_checkpoint(recipe: Recipe, run_dir: Path, checkpoint: Path, say) -> Path:
     """Write the final adapter/model from a checkpoint at `train.steps` (the Trainer, resumed there, would train
     one step more). Loads the checkpoint's tensors through the public PEFT / `load_state_dict` paths."""
-    from safetensors.torch import load_file
-
     files = sorted(checkpoint.glob("*.safetensors"))
     if not files:
         raise UserError(f"{checkpoint}: no .safetensors weights (a sharded FSDP checkpoint?); resume it with "
@@ -216,6 +218,7 @@ def save_from_checkpoint(recipe: Recipe, run_dir: Path, checkpoint: Path, say) -
         tensors.update(load_file(str(file)))
     model, tokenizer, loaded = prepare_model(recipe)
     if recipe.finetune == "lora":
+        # imported here: peft (with bitsandbytes) takes seconds to import, and `dgemma-ft check` imports this module
         from peft import set_peft_model_state_dict
 
         set_peft_model_state_dict(model, tensors)
@@ -245,8 +248,6 @@ def _interrupted_message(trainer, run_dir: Path) -> str:
 
 def objective_config(train, model):
     """The objective's knobs from the recipe's `train` section (and the model's sampler temperatures)."""
-    from dgemma_ft.finetune.objective import ObjectiveConfig
-
     temperatures = temperature_range(model) if train.self_conditioning_scale == "temperature" else None
     return ObjectiveConfig(eps=train.eps, self_conditioning_p=train.self_conditioning_p, ar_weight=train.ar_weight,
                            block_selection=train.block_selection, canvas_samples=train.canvas_samples,
@@ -267,12 +268,9 @@ def training_device(name: str) -> torch.device:
 def save_final(model, tokenizer, recipe: Recipe, run_dir: Path, base_name: str | None = None) -> None:
     """The adapter (standard PEFT folder) or full weights, with the tokenizer, written atomically."""
     if recipe.finetune == "lora":
-        from dgemma_ft.finetune.lora import save_adapter
-
         save_adapter(model, run_dir / "adapter", base_name)
         tokenizer.save_pretrained(str(run_dir / "adapter"))
     else:
         with atomic_dir(run_dir / "model") as staging:
             model.save_pretrained(str(staging))
             tokenizer.save_pretrained(str(staging))
-    shutil.rmtree(run_dir / "checkpoints" / ".staging", ignore_errors=True)

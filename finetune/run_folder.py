@@ -27,6 +27,10 @@ LOCK_NAME = ".lock"
 INCOMPLETE_PREFIX = "incomplete-"
 # what a run writes before its first checkpoint; restarting removes exactly these (nothing else in the folder)
 STARTUP_FILES = ("recipe.yaml", "logs")
+# torch.distributed.checkpoint folders of a sharded (FSDP) checkpoint: weights, optimizer state
+SHARDED_WEIGHTS = "pytorch_model_fsdp"
+SHARDED_FOLDERS = (SHARDED_WEIGHTS, "optimizer_")
+SHARDED_DONE = ".metadata"  # written (through a rename) by the coordinator after every process wrote its shards
 
 
 # ------------------------------------------------------------------------------------------------------ claiming
@@ -45,7 +49,7 @@ class RunLock:
 
 def claim(run_dir: Path) -> RunLock:
     """Claim `run_dir` for this training, or refuse if another process holds it."""
-    import fcntl  # POSIX only, like the rest of the kit's process handling
+    import fcntl  # imported here: POSIX only, and this module (read_log, for eval reports) imports on any OS
 
     run_dir.mkdir(parents=True, exist_ok=True)
     handle = open(run_dir / LOCK_NAME, "a+", encoding="utf-8")  # noqa: SIM115 (held open for the whole run)
@@ -79,7 +83,10 @@ def checkpoints(checkpoint_dir: Path) -> list[Path]:
 
 
 def incomplete_reason(checkpoint: Path) -> str | None:
-    """Why `checkpoint` cannot be resumed from, or None when it is complete. Cheap: reads headers, not weights."""
+    """Why `checkpoint` cannot be resumed from, or None when it is complete. Cheap: reads headers, not weights.
+    The Trainer writes checkpoint-N in place, so a crash mid-save leaves it torn: every file `--resume` reads is
+    checked here (the main process writes trainer_state.json last, but other processes may still be writing
+    their RNG state or shards then)."""
     state = checkpoint / "trainer_state.json"
     if not state.is_file():
         return "no trainer_state.json"
@@ -89,16 +96,20 @@ def incomplete_reason(checkpoint: Path) -> str | None:
         return "trainer_state.json is corrupt"
     weights = sorted(checkpoint.glob("*.safetensors")) + sorted(checkpoint.glob("*.bin"))
     weights = [w for w in weights if w.name != "training_args.bin"]
-    sharded = [p for p in checkpoint.iterdir() if p.is_dir() and p.name.startswith("pytorch_model_fsdp")]
-    if not weights and not sharded:
+    sharded = sorted(p for p in checkpoint.iterdir() if p.is_dir() and p.name.startswith(SHARDED_FOLDERS))
+    if not weights and not any(p.name.startswith(SHARDED_WEIGHTS) for p in sharded):
         return "no weights"
     for file in weights:
         damaged = safetensors_damage(file) if file.suffix == ".safetensors" else _torch_file_torn(file)
         if damaged:
             return f"{file.name} is truncated or corrupt"
-    for name in ("optimizer.pt", "scheduler.pt"):
-        if (checkpoint / name).exists() and _torch_file_torn(checkpoint / name):
-            return f"{name} is truncated or corrupt"
+    for folder in sharded:
+        if not (folder / SHARDED_DONE).is_file():
+            return f"{folder.name} has no {SHARDED_DONE} (not every process finished writing its shards)"
+    states = [checkpoint / name for name in ("optimizer.pt", "scheduler.pt", "scaler.pt")]
+    for file in [*states, *sorted(checkpoint.glob("rng_state*.pth"))]:
+        if file.exists() and _torch_file_torn(file):
+            return f"{file.name} is truncated or corrupt"
     return None
 
 
@@ -163,15 +174,14 @@ def _summary_steps(run_dir: Path) -> int:
 
 
 def clear_unstarted(run_dir: Path) -> None:
-    """Remove what a run stopped before its first checkpoint left (its recipe copy, logs, a half-written
-    checkpoint's staging folder); checkpoints moved aside as incomplete stay for inspection."""
+    """Remove what a run stopped before its first checkpoint left (its recipe copy, logs); checkpoints moved aside
+    as incomplete stay for inspection."""
     for name in STARTUP_FILES:
         target = run_dir / name
         if target.is_dir():
             shutil.rmtree(target)
         elif target.exists():
             target.unlink()
-    shutil.rmtree(run_dir / "checkpoints" / ".staging", ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------------------- log

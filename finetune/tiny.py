@@ -8,6 +8,9 @@ import string
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+from dgemma_ft.errors import UserError
 
 # Gemma-style ids for the specials, so pad/eos/bos sit where the released model has them.
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<|turn>", "<turn|>"]
@@ -84,8 +87,7 @@ def global_kv_heads(num_key_value_heads: int) -> int:
 
 def build_tiny_tokenizer():
     """A character-level `PreTrainedTokenizerFast` with Gemma's specials and a Gemma-4-style chat template."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # after unsloth: the CLI imports this module (via recipe) first
 
     vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + CHARACTERS)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -102,7 +104,7 @@ def build_tiny_tokenizer():
 def tiny_config(spec: TinySpec, vocab_size: int, image_token_id: int = 3):
     """A `DiffusionGemmaConfig` for `spec`. The vision tower cannot be dropped, so it gets a 1-layer toy one; the
     tokenizer has no image tokens, so the image token id points at `<unk>` (HF `generate()` reads it)."""
-    from transformers import DiffusionGemmaConfig
+    from transformers import DiffusionGemmaConfig  # after unsloth (see build_tiny_tokenizer)
 
     layer_types = ["full_attention" if (i + 1) % spec.sliding_pattern == 0 else "sliding_attention"
                    for i in range(spec.num_hidden_layers)]
@@ -124,7 +126,7 @@ def tiny_config(spec: TinySpec, vocab_size: int, image_token_id: int = 3):
 
 def build_tiny_model(spec: TinySpec | None = None, tokenizer=None):
     """(model, tokenizer): a freshly initialised tiny DiffusionGemma, identical for identical spec and seed."""
-    from transformers import DiffusionGemmaForBlockDiffusion
+    from transformers import DiffusionGemmaForBlockDiffusion  # after unsloth (see build_tiny_tokenizer)
 
     spec = spec or TinySpec()
     tokenizer = tokenizer or build_tiny_tokenizer()
@@ -149,8 +151,6 @@ def probe_forward(model) -> None:
         with torch.no_grad():
             model(input_ids=ids)
     except (RuntimeError, ValueError, IndexError, TypeError) as exc:
-        from dgemma_ft.errors import UserError
-
         reason = (str(exc) or type(exc).__name__).splitlines()[0]
         raise UserError(f"model.tiny: DiffusionGemma cannot run these sizes ({reason}); change the model.tiny "
                         f"sizes (e.g. back to the defaults)") from None

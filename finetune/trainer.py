@@ -1,27 +1,33 @@
-"""A thin `transformers.Trainer` subclass: the block-diffusion loss, atomic checkpoints, a NaN guard, and the
-objective's own figures (diffusion loss, AR loss, mean t) in the logs. Everything else (accumulation,
-schedules, bf16, resume, DDP through `accelerate launch`/`torchrun`) is the stock Trainer's."""
+"""A thin `transformers.Trainer` subclass: the block-diffusion loss, a NaN guard, and the objective's own figures
+(diffusion loss, AR loss, mean t) in the logs. Everything else (accumulation, schedules, bf16, checkpoints and
+their rotation, resume, DDP through `accelerate launch`/`torchrun`) is the stock Trainer's, set through public
+`TrainingArguments` and callbacks only.
+
+Checkpoints need no staging folder: the Trainer writes checkpoint-N in place with its `trainer_state.json` last
+(after the weights, optimizer, scheduler and RNG state), and `run_folder.incomplete_reason` checks every file that
+`--resume` reads, so a checkpoint a crash leaves torn is skipped and moved aside, never resumed from."""
 
 from __future__ import annotations
 
-import contextlib
+import json
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch.utils.tensorboard import SummaryWriter
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.integrations import TensorBoardCallback
 
 from dgemma_ft.errors import UserError
 from dgemma_ft.finetune.atomic import atomic_write_text
 from dgemma_ft.finetune.data import as_block_batch
 from dgemma_ft.finetune.distributed import forward_through, prepare_fsdp
 from dgemma_ft.finetune.objective import ObjectiveConfig, block_diffusion_loss
-from dgemma_ft.finetune.run_folder import checkpoints, newest_complete_checkpoint, read_log
+from dgemma_ft.finetune.run_folder import newest_complete_checkpoint, read_log
 
-STAGING = ".staging"
 # transformers 5.2x renamed `gradient_checkpointing` to `activation_checkpointing`; older 5.x has only the first.
 CHECKPOINTING_ARG = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
                      else "gradient_checkpointing")
@@ -60,60 +66,19 @@ class BlockDiffusionTrainer(Trainer):
                     values.clear()
         super().log(logs, start_time)
 
-    def _save_checkpoint(self, model, trial) -> None:
-        """Write checkpoint-N into a staging folder, then rename it into place: a killed run never leaves a
-        half-written checkpoint for `--resume` to trip over."""
-        run_dir = Path(self.args.output_dir)
-        staging_root = run_dir / STAGING
-        name = f"checkpoint-{self.state.global_step}"
-        keep_limit = self.args.save_total_limit
-        self.args.output_dir, self.args.save_total_limit = str(staging_root), None
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self.args.output_dir, self.args.save_total_limit = str(run_dir), keep_limit
-        if self.args.world_size > 1:
-            torch.distributed.barrier()  # every process has written its files (RNG state, FSDP shards)
-        if self.args.should_save:
-            final = run_dir / name
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(staging_root / name, final)
-            shutil.rmtree(staging_root, ignore_errors=True)
-            _rotate(run_dir, keep_limit)
-        if self.args.world_size > 1:
-            torch.distributed.barrier()
 
-
-def _rotate(run_dir: Path, keep: int | None) -> None:
-    if not keep:
-        return
-    for old in checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def tensorboard_dir(path: Path):
-    """transformers 5.2x's TensorBoard callback reads its folder from TENSORBOARD_LOGGING_DIR when the Trainer is
-    built; set it for that moment only, so one process can train several runs."""
-    previous = os.environ.get("TENSORBOARD_LOGGING_DIR")
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(path)
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("TENSORBOARD_LOGGING_DIR", None)
-        else:
-            os.environ["TENSORBOARD_LOGGING_DIR"] = previous
+def tensorboard_log(log_dir: Path) -> TensorBoardCallback:
+    """transformers' TensorBoard callback writing into `log_dir`. TrainingArguments 5.x has no `logging_dir` (the
+    callback reads TENSORBOARD_LOGGING_DIR, a process-wide setting); its documented `tb_writer` argument names the
+    folder for this run alone. Add it on the main process only: the writer creates its event file at once."""
+    return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(log_dir)))
 
 
 def training_arguments(train, run_dir: Path, use_cuda: bool, bf16: bool) -> TrainingArguments:
     """Map the recipe's `train` section onto `TrainingArguments`."""
     schedule = {"cosine": "cosine_with_min_lr", "linear": "linear", "constant": "constant_with_warmup"}[train.schedule]
     kwargs = {"min_lr": train.min_lr} if train.schedule == "cosine" else {}
-    extra = {"logging_dir": str(run_dir / "logs")} if "logging_dir" in TrainingArguments.__dataclass_fields__ else {}
     return TrainingArguments(
-        **extra,
         output_dir=str(run_dir / "checkpoints"),
         max_steps=train.steps,
         per_device_train_batch_size=train.batch_size,
@@ -129,8 +94,8 @@ def training_arguments(train, run_dir: Path, use_cuda: bool, bf16: bool) -> Trai
         logging_steps=train.log_every,
         save_strategy="steps",
         save_steps=train.checkpoint_every,
-        save_total_limit=train.keep_checkpoints,
-        report_to=["tensorboard"],
+        save_total_limit=train.keep_checkpoints,  # the Trainer's rotation; it always keeps the newest checkpoint
+        report_to="none",  # TensorBoard is added as tensorboard_log(RUN/logs); the stock one writes checkpoints/runs/
         disable_tqdm=True,
         remove_unused_columns=False,
         bf16=bf16,
@@ -158,9 +123,6 @@ class RichProgress(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-            TimeRemainingColumn
-
         self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[figures]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                                  transient=False)
@@ -196,10 +158,7 @@ class JsonlLog(TrainerCallback):
     continues without duplicate steps."""
 
     def __init__(self, path: Path, resume_step: int = 0):
-        import json
-
         self.path = path
-        self._json = json
         if path.exists() and int(os.environ.get("RANK", "0")) == 0:  # one process rewrites it, not all at once
             kept = [record for record in read_log(path) if record.get("step", 0) <= resume_step]  # torn lines go
             atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
@@ -210,7 +169,7 @@ class JsonlLog(TrainerCallback):
         record = {"step": state.global_step, **{k: v for k, v in logs.items() if _is_number(v)}}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as handle:
-            handle.write(self._json.dumps(record) + "\n")
+            handle.write(json.dumps(record) + "\n")
 
 
 def _is_number(value) -> bool:

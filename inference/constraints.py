@@ -25,6 +25,8 @@ try:  # tokenizers >= 0.21; without it `char_offsets` decodes growing prefixes
 except ImportError:  # pragma: no cover - depends on the installed tokenizers
     DecodeStream = None
 
+from dgemma_ft.chat import split_answer
+
 LAYOUT = "\n"  # without a reference, unknown characters may also be line breaks (where rows end)
 SUFFIX = 8  # without a reference, characters tried after the last pinned one (a pin must not merge with them)
 MAX_DRAFTS = 128  # fillings tried per example: every pair of neighbours for up to 11 characters per offset
@@ -55,10 +57,8 @@ def pinned_tokens(task, example: dict, tokenizer) -> dict[int, int]:
 def _reference(task, example: dict, pinned: dict[int, str]) -> str | None:
     """The answer the model should write, so every pin must hold for it: the example's last assistant message,
     else the task's own target for it; None when neither exists or it contradicts the pinned characters."""
-    messages = example.get("messages") or []
-    if messages and messages[-1].get("role") == "assistant":
-        text = messages[-1].get("content")
-    else:
+    text = split_answer(example.get("messages") or [])[1]
+    if text is None:
         try:
             text = task.target(example)
         except Exception:  # e.g. a puzzle without a solution: pin from fillings alone

@@ -9,10 +9,12 @@ from dataclasses import dataclass, field
 import torch
 from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 
+from dgemma_ft.chat import prompt_ids
 from dgemma_ft.errors import UserError
-from dgemma_ft.finetune.data import prompt_ids
 from dgemma_ft.inference.constraints import pinned_tokens, special_token_ids, violation_checker
-from dgemma_ft.inference.sampling import Request, SamplerConfig
+from dgemma_ft.inference.sampling import BlockDiffusionSampler, Request, SamplerConfig
+from dgemma_ft.plumbing import unwrap_model
+from dgemma_ft.tasks import Verdict
 
 
 @dataclass
@@ -69,8 +71,6 @@ def make_requests(task, examples: list[dict], tokenizer, seed: int) -> list[Requ
 
 def position_limit(model) -> int | None:
     """How many positions the model reads (`max_position_embeddings` of its text config), if it says."""
-    from dgemma_ft.plumbing import unwrap_model
-
     config = unwrap_model(model).config
     value = getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
     return int(value) if value else None
@@ -129,8 +129,6 @@ def evaluate_setting(model, tokenizer, task, examples: list[dict], setting: Sett
                      max_new_tokens: int, progress=None, trace_index: int | None = None) -> SettingResult:
     """Run one setting over `examples`; `progress(done, correct)` is called after every judged batch.
     `batch_size: "auto"` finds the largest batch that fits (see `generate_batch`)."""
-    from dgemma_ft.inference.sampling import BlockDiffusionSampler
-
     config = SamplerConfig.from_model(model, max_denoising_steps=setting.steps, max_new_tokens=max_new_tokens)
     sampler = BlockDiffusionSampler(model, config, special_token_ids=special_token_ids(tokenizer))
     requests = make_requests(task, examples, tokenizer, seed)
@@ -185,8 +183,6 @@ def evaluate_setting(model, tokenizer, task, examples: list[dict], setting: Sett
 
 
 def _safe_validate(task, example, output):
-    from dgemma_ft.tasks.base import Verdict
-
     try:
         return task.validate(example, output)
     except Exception as exc:  # a validator must never raise; if one does, count the answer wrong, not the run

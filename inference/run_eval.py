@@ -1,5 +1,6 @@
-"""`dgemma-ft eval` and `dgemma-ft generate`: resolve what to evaluate (a run folder, a recipe, a merged model
-folder, optionally an adapter and the base beside it), run every setting, and write the reports."""
+"""`dgemma-ft eval` and `dgemma-ft generate` (and `dgemma_ft.evaluate` / `dgemma_ft.generate`): resolve what to
+evaluate (a run folder, a recipe, a merged model folder, optionally an adapter and the base beside it), run every
+setting, write the reports, and return them (a `Report`, a `Generation`)."""
 
 from __future__ import annotations
 
@@ -7,17 +8,58 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from dgemma_ft import __version__
+from dgemma_ft.chat import prompt_ids, split_answer
 from dgemma_ft.errors import UserError
-from dgemma_ft.output_paths import require_writable_dir, require_writable_file
+from dgemma_ft.finetune import model_loading  # used as a module: tests patch model_loading.load_model
+from dgemma_ft.finetune.lora import load_adapter
 from dgemma_ft.finetune.model_loading import free_memory, is_run_folder, require_finished_run
 from dgemma_ft.finetune.recipe import Recipe, load_recipe
-from dgemma_ft.inference.evaluate import Setting, answer_room, check_prompt_fits, evaluate_setting, position_limit
-from dgemma_ft.inference.report import write_report
-from dgemma_ft.tasks.base import SourceSpec, get_task
+from dgemma_ft.inference.constraints import special_token_ids
+from dgemma_ft.inference.evaluate import (Setting, answer_room, check_prompt_fits, evaluate_setting, make_requests,
+                                          position_limit)
+from dgemma_ft.inference.report import plot_trace, save_trace_gif, write_png, write_report
+from dgemma_ft.inference.sampling import BlockDiffusionSampler, Request, SamplerConfig
+from dgemma_ft.output_paths import require_writable_dir, require_writable_file
+from dgemma_ft.tasks import SourceSpec, get_task
 
 MERGED_RECIPE = "recipe.yaml"  # merged model folders keep the recipe of the run they came from
+
+
+class Report(dict):
+    """An evaluation's report: the contents of its report.json, and `folder`, where report.md, report.json,
+    predictions.jsonl and the plots were written."""
+
+    def __init__(self, data: dict, folder: Path):
+        super().__init__(data)
+        self.folder = Path(folder)
+
+
+def read_report(folder: str | Path) -> Report:
+    """The report an earlier evaluation wrote into `folder`."""
+    return Report(json.loads((Path(folder) / "report.json").read_text(encoding="utf-8")), folder)
+
+
+@dataclass
+class Generation:
+    """One answer from `generate`: the prompt, the decoded answer, the sampler's statistics, the task's verdict
+    (for an example of the eval data) and the trace file (when one was asked for)."""
+
+    prompt: str
+    text: str
+    stats: dict  # denoising_steps, decoder_forwards, tokens_per_forward
+    verdict: dict | None = None  # correct, score, reason, ...
+    trace: Path | None = None
+
+    @property
+    def correct(self) -> bool | None:
+        return None if self.verdict is None else bool(self.verdict["correct"])
 
 
 @dataclass
@@ -34,10 +76,7 @@ class EvalTarget:
 
 def _loader(section, merge_adapter: bool = False, adapter: str | None = None):
     def load():
-        from dgemma_ft.finetune.lora import load_adapter
-        from dgemma_ft.finetune.model_loading import load_model
-
-        loaded = load_model(section, merge_adapter=merge_adapter)
+        loaded = model_loading.load_model(section, merge_adapter=merge_adapter)
         model = loaded.model
         if adapter is not None:
             model = load_adapter(model, adapter)
@@ -46,17 +85,20 @@ def _loader(section, merge_adapter: bool = False, adapter: str | None = None):
     return load
 
 
-def _load_recipe_on(path: Path, device: str | None) -> Recipe:
-    """The recipe at `path`, with its model placed on `device` when one is given (`--device`)."""
-    recipe = load_recipe(path)
+def _load_recipe_on(source: Path | Recipe, device: str | None) -> Recipe:
+    """The recipe at `source` (or a copy of a `Recipe` object), with its model placed on `device` when one is
+    given (`--device`)."""
+    recipe = source.model_copy(deep=True) if isinstance(source, Recipe) else load_recipe(source)
     if device is not None:
         recipe.model.device = device
     return recipe
 
 
-def resolve_target(target: str | Path, adapter: str | None = None, device: str | None = None) -> EvalTarget:
-    """What `eval TARGET [--adapter PATH] [--device D]` means."""
-    resolved = _resolve(target, adapter, device)
+def resolve_target(target: str | Path | Recipe, adapter: str | None = None, device: str | None = None,
+                   command: str = "eval") -> EvalTarget:
+    """What `eval TARGET [--adapter PATH] [--device D]` means; a `Recipe` object means what its .yaml would.
+    `command` (eval, generate) starts the error line for a target that is none of these."""
+    resolved = _resolve(target, adapter, device, command)
     resolved.keep_out = _model_folders(resolved, adapter)
     return resolved
 
@@ -73,16 +115,16 @@ def _model_folders(resolved: EvalTarget, adapter: str | None) -> list[tuple[Path
     return found
 
 
-def _resolve(target: str | Path, adapter: str | None, device: str | None) -> EvalTarget:
-    path = Path(target)
+def _resolve(target: str | Path | Recipe, adapter: str | None, device: str | None, command: str) -> EvalTarget:
+    path = None if isinstance(target, Recipe) else Path(target)
     if adapter is not None and not (Path(adapter) / "adapter_config.json").exists():
         raise UserError(f"--adapter {adapter}: no adapter_config.json there; point it at a PEFT adapter folder "
                         f"(e.g. RUN/adapter)")
-    if path.suffix in (".yaml", ".yml"):
-        recipe = _load_recipe_on(path, device)
+    if path is None or path.suffix in (".yaml", ".yml"):
+        recipe = _load_recipe_on(target if path is None else path, device)
         run_dir = Path(recipe.train.output_dir)
         if adapter is None and is_run_folder(run_dir):
-            return _resolve(run_dir, None, device)
+            return _resolve(run_dir, None, device, command)
         base_section = recipe.model
         return EvalTarget(recipe, label=str(adapter or recipe.model.name), out_dir=run_dir / "eval",
                           load=_loader(base_section, adapter=adapter),
@@ -107,25 +149,27 @@ def _resolve(target: str | Path, adapter: str | None, device: str | None) -> Eva
                           load_base=None, training_log=None, kind="merged")
     if path.exists():
         require_finished_run(path)  # a run whose adapter/ or model/ is gone says so, not "not a run folder"
-        raise UserError(f"eval: '{target}' is neither a run folder (recipe.yaml + adapter/ or model/), a recipe "
+        raise UserError(f"{command}: '{target}' is neither a run folder (recipe.yaml + adapter/ or model/), a recipe "
                         f".yaml, nor a merged model folder with its {MERGED_RECIPE}")
-    raise UserError(f"eval: '{target}' does not exist; give a run folder, a recipe .yaml or a merged model folder")
+    raise UserError(f"{command}: '{target}' does not exist; give a run folder, a recipe .yaml or a merged model folder")
 
 
-def run_evaluation(target: str | Path, adapter: str | None = None, include_base: bool = False,
+def run_evaluation(target: str | Path | Recipe, adapter: str | None = None, include_base: bool = False,
                    data: str | None = None, limit: int | None = None, steps: list[int] | None = None,
-                   pin: bool | None = None, renoise: bool | None = None, batch_size: int | None = None,
+                   pin: bool | None = None, renoise: bool | None = None, batch_size: int | str | None = None,
                    out_dir: str | Path | None = None, seed: int | None = None, console=None,
-                   compare: bool = False, device: str | None = None) -> dict:
-    """Evaluate and write the reports; returns the report dict. The recipe's own evaluation writes TARGET/eval;
-    anything else (see `differences_from_recipe`) writes TARGET/evals/NAME unless `out_dir` is given, so a quick
-    check never replaces the full report that the model card shows."""
+                   compare: bool = False, device: str | None = None) -> Report:
+    """Evaluate and write the reports; returns the report (report.json's contents, with the folder it is in).
+    The recipe's own evaluation writes TARGET/eval; anything else (see `differences_from_recipe`) writes
+    TARGET/evals/NAME unless `out_dir` is given, so a quick check never replaces the full report that the model
+    card shows. With a `console`, shows progress and prints the results table."""
+    _check_eval_options(limit, steps, batch_size)
     if out_dir is not None:
         require_writable_dir(out_dir, "--out")  # before any data is read or model loaded
     resolved = resolve_target(target, adapter, device)
     recipe = resolved.recipe
     task = get_task(recipe.task.name, recipe.task.options)
-    spec, source_label = _eval_source(recipe, data, target)
+    spec, source_label = _eval_source(recipe, data, _named(target))
     everything = [dict(row) for row in task.build_dataset("eval", spec)]
     examples = everything[:limit or recipe.eval.limit or len(everything)]
     step_list = steps or recipe.eval.steps
@@ -144,10 +188,8 @@ def run_evaluation(target: str | Path, adapter: str | None = None, include_base:
     models = [(resolved.kind, resolved.load)]
     if include_base:
         if resolved.load_base is None:
-            raise UserError(f"--base: no base model is known for '{target}'")
+            raise UserError(f"--base: no base model is known for '{_named(target)}'")
         models.append(("base", resolved.load_base))
-    from dgemma_ft.inference.sampling import SamplerConfig
-
     results = []
     tokenizer = None
     sampler_defaults: dict = {}
@@ -169,16 +211,35 @@ def run_evaluation(target: str | Path, adapter: str | None = None, include_base:
                      "evaluation": _evaluation_record(differences, len(examples), full_examples, step_list, pins,
                                                       renoises, seed, include_base),
                      "training": _training_summary(resolved)}
-    report = write_report(out, report_header, results, sampler_defaults, resolved.training_log, tokenizer)
+    report = Report(write_report(out, report_header, results, sampler_defaults, resolved.training_log, tokenizer),
+                    out)
     if console is not None:
         _print_summary(console, report, recipe, spec, len(examples), out, differences)
     return report
 
 
+def _check_eval_options(limit, steps, batch_size) -> None:
+    """What `eval` takes from the command line or the API, checked before anything is read or loaded."""
+    if limit is not None and not is_count(limit):
+        raise UserError("--limit must be a positive number of examples")
+    if steps is not None and (not isinstance(steps, (list, tuple)) or not steps or not all(map(is_count, steps))):
+        raise UserError(f"--steps {steps!r}: step counts must be positive, e.g. --steps 1,4,16,48")
+    if batch_size is not None and batch_size != "auto" and not is_count(batch_size):
+        raise UserError(f"--batch-size {batch_size!r}: give a positive number of examples, or auto")
+
+
+def is_count(value) -> bool:
+    """A positive whole number (not a boolean, which Python counts as one)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _named(target) -> str:
+    """How error lines name what is evaluated: the path given, or the run a `Recipe` object trains."""
+    return f"the recipe of {target.train.output_dir}" if isinstance(target, Recipe) else str(target)
+
+
 def _print_summary(console, report: dict, recipe: Recipe, spec, count: int, out: Path,
                    differences: list[str]) -> None:
-    from rich.table import Table
-
     table = Table(title=f"{recipe.task.name} on {spec.source} ({count} examples)")
     for column in ("model", "steps", "pin", "renoise", "solved", "rate", "tok/fwd", "ex/s"):
         table.add_column(column)
@@ -271,10 +332,6 @@ def _refuse_model_folders(out: Path, resolved: EvalTarget) -> None:
 def _evaluation_record(differences: list[str], examples: int, full_examples: int | None, steps: list[int],
                        pins: list[bool], renoises: list[bool], seed: int, include_base: bool) -> dict:
     """What report.json says about itself, so the model card can say which evaluation it shows."""
-    from datetime import datetime, timezone
-
-    from dgemma_ft import __version__
-
     return {"scope": "partial" if differences else "full", "differences": differences, "examples": examples,
             "full_examples": full_examples, "steps": list(steps), "pin": pins, "renoise": renoises, "seed": seed,
             "base_compared": include_base, "written_by": f"dgemma-ft {__version__} eval",
@@ -283,8 +340,9 @@ def _evaluation_record(differences: list[str], examples: int, full_examples: int
 
 # --------------------------------------------------------------------------------------------- prompt lengths
 def _answer_tokens(recipe: Recipe, examples, tokenizer, model, source_label: str) -> int:
-    """Answer room in tokens (eval.max_new_tokens, else enough for the longest reference answer); refused when
-    it alone fills the model's positions."""
+    """Answer tokens the sampler may write: eval.max_new_tokens when set, else the longest reference answer (of
+    the first 2000 examples) plus its end token, rounded up to whole canvases; no canvas is added and nothing is
+    capped. Refused when the canvases this needs take every position the model reads (max_position_embeddings)."""
     if recipe.eval.max_new_tokens:
         max_new, cause = recipe.eval.max_new_tokens, f"eval.max_new_tokens ({recipe.eval.max_new_tokens})"
     else:
@@ -301,8 +359,6 @@ def _answer_tokens(recipe: Recipe, examples, tokenizer, model, source_label: str
 
 def _check_prompts(examples: list[dict], tokenizer, model, max_new: int, source_label: str) -> None:
     """Every prompt must fit the model's positions with the answer's room, before the sampler allocates."""
-    from dgemma_ft.finetune.data import prompt_ids
-
     limit = position_limit(model)
     room = answer_room(max_new, model.config.canvas_length)
     for index, example in enumerate(examples):
@@ -315,7 +371,7 @@ def _longest_target(examples, tokenizer) -> tuple[int, int]:
     """(tokens of the longest reference answer + 1 for its end, its index), over the first 2000 examples."""
     longest, where = 0, 0
     for index, example in enumerate(examples[:2000]):
-        target = example["messages"][-1]["content"] if example["messages"][-1]["role"] == "assistant" else ""
+        target = split_answer(example["messages"])[1] or ""
         tokens = len(tokenizer(target, add_special_tokens=False)["input_ids"]) + 1
         if tokens > longest:
             longest, where = tokens, index
@@ -325,8 +381,6 @@ def _longest_target(examples, tokenizer) -> tuple[int, int]:
 def _run_with_progress(model, tokenizer, task, examples, setting, batch, seed, max_new, console):
     if console is None:
         return evaluate_setting(model, tokenizer, task, examples, setting, batch, seed, max_new, trace_index=0)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     with Progress(TextColumn(f"[bold]eval[/] {setting.label}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("solved {task.fields[rate]}"), TimeElapsedColumn(), console=console,
                   transient=True) as progress:
@@ -349,21 +403,18 @@ def _training_summary(resolved: EvalTarget) -> dict | None:
 TRACE_SUFFIXES = (".png", ".gif")
 
 
-def generate_one(target: str | Path, prompt: str | None = None, example: int | None = None,
+def generate_one(target: str | Path | Recipe, prompt: str | None = None, example: int | None = None,
                  steps: int | None = None, pin: bool = True, renoise: bool = False, seed: int = 0,
-                 trace: str | None = None, data: str | None = None, adapter: str | None = None,
-                 device: str | None = None) -> dict:
+                 trace: str | Path | None = None, data: str | None = None, adapter: str | None = None,
+                 device: str | None = None) -> Generation:
     """Answer one prompt (free text, or example N of the eval data with its verdict); optionally save a trace.
     Every option is checked before the model loads."""
-    from dgemma_ft.inference.constraints import special_token_ids
-    from dgemma_ft.inference.sampling import BlockDiffusionSampler, SamplerConfig
-
     if (prompt is None) == (example is None):
         raise UserError("generate: give exactly one of --prompt TEXT or --example N")
-    if steps is not None and steps <= 0:
+    if steps is not None and not is_count(steps):
         raise UserError(f"--steps {steps}: --steps must be a positive number of denoising steps, e.g. --steps 16")
     trace_path = require_writable_file(trace, "--trace", TRACE_SUFFIXES) if trace else None
-    resolved = resolve_target(target, adapter, device)
+    resolved = resolve_target(target, adapter, device, command="generate")
     recipe = resolved.recipe
     task = get_task(recipe.task.name, recipe.task.options)
     chosen, source_label = _chosen_example(task, recipe, data, example) if example is not None else (None, "")
@@ -382,14 +433,13 @@ def generate_one(target: str | Path, prompt: str | None = None, example: int | N
     sampler = BlockDiffusionSampler(model, config, special_token_ids=special_token_ids(tokenizer))
     generation = sampler.generate([request], pin=pin, renoise=renoise, trace_index=0)[0]
     text = tokenizer.decode(generation.token_ids, skip_special_tokens=True)
-    result = {"prompt": prompt if prompt is not None else chosen["messages"][0]["content"], "output": text,
-              "stats": {"denoising_steps": generation.steps, "decoder_forwards": generation.forwards,
-                        "tokens_per_forward": round(generation.tokens_per_forward, 3)}}
-    if chosen is not None:
-        result["verdict"] = task.validate(chosen, text).to_dict()
+    result = Generation(prompt=prompt if prompt is not None else chosen["messages"][0]["content"], text=text,
+                        stats={"denoising_steps": generation.steps, "decoder_forwards": generation.forwards,
+                               "tokens_per_forward": round(generation.tokens_per_forward, 3)},
+                        verdict=task.validate(chosen, text).to_dict() if chosen is not None else None)
     if trace_path is not None:
-        _save_trace(trace_path, generation.trace, tokenizer, result.get("verdict", {}).get("reason", ""))
-        result["trace"] = str(trace_path)
+        _save_trace(trace_path, generation.trace, tokenizer, (result.verdict or {}).get("reason", ""))
+        result.trace = trace_path
     return result
 
 
@@ -405,25 +455,18 @@ def _chosen_example(task, recipe: Recipe, data: str | None, example: int) -> tup
 
 
 def _example_request(task, chosen: dict, tokenizer, seed: int):
-    from dgemma_ft.inference.evaluate import make_requests
-
     request = make_requests(task, [chosen], tokenizer, seed)[0]
     request.seed = seed
     return request
 
 
 def _prompt_request(prompt: str, tokenizer, seed: int):
-    from dgemma_ft.finetune.data import prompt_ids
-    from dgemma_ft.inference.sampling import Request
-
     return Request(prompt_ids=prompt_ids(tokenizer, [{"role": "user", "content": prompt}]), seed=seed)
 
 
 def _save_trace(path: Path, trace: list[dict], tokenizer, title: str) -> None:
-    from dgemma_ft.inference.report import _write_png, plot_trace, save_trace_gif
-
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() == ".gif":
         save_trace_gif(trace, tokenizer, path)
     else:
-        _write_png(path, plot_trace(trace, tokenizer, title=title))
+        write_png(path, plot_trace(trace, tokenizer, title=title))

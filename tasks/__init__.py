@@ -1,5 +1,9 @@
-"""Tasks: one module per task (dataset + prompt format + validator), found through a registry."""
+"""Tasks: one small package per task (options, data, prompt format, judging, sampler hooks), found through a
+registry by name. `base.py` is the interface a task implements."""
 
-from dgemma_ft.tasks.base import SourceSpec, Task, TaskOptions, Verdict, get_task, register_task, task_names
+from dgemma_ft.tasks.base import RowError, Task, TaskOptions, Verdict, column, option_error
+from dgemma_ft.tasks.registry import get_task, register_task, task_class, task_names
+from dgemma_ft.tasks.sources import DATA_DIR, SourceSpec
 
-__all__ = ["SourceSpec", "Task", "TaskOptions", "Verdict", "get_task", "register_task", "task_names"]
+__all__ = ["DATA_DIR", "RowError", "SourceSpec", "Task", "TaskOptions", "Verdict", "column", "get_task",
+           "option_error", "register_task", "task_class", "task_names"]

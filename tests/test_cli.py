@@ -2,6 +2,8 @@
 one-line errors for bad targets, adapters and data."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,6 +42,14 @@ def test_check_valid_and_invalid_recipes(capsys, tmp_path):
     assert code == 2 and "train.max_blocks is 1" in err
     code, _, err = run_cli([str(tmp_path / "nope.yaml")], capsys)
     assert code == 2 and "recipe not found" in err
+
+
+def test_check_prints_long_paths_whole_with_their_brackets(capsys, tmp_path):
+    recipe = tmp_path / "[exp 1]" / ("a-folder-name-long-enough-that-the-line-passes-any-terminal-width-" * 2) / "r.yaml"
+    recipe.parent.mkdir(parents=True)
+    recipe.write_text((ROOT / "recipes" / "sudoku-4x4-tiny.yaml").read_text())
+    code, out, _ = run_cli(["check", str(recipe)], capsys)
+    assert code == 0 and f"recipe {recipe}: keys and values valid\n" in out
 
 
 def test_eval_writes_reports_and_plots(run_dir, capsys, tmp_path):
@@ -86,6 +96,9 @@ def test_generate_prints_answer_verdict_and_trace(run_dir, capsys, tmp_path):
     assert code == 0, err and gif.read_bytes()[:3] == b"GIF"
     code, _, err = run_cli(["generate", str(run_dir), "--example", "5000"], capsys)
     assert code == 2 and "--example 5000" in err
+    code, out, err = run_cli(["generate", str(run_dir), "--prompt", "[true, false] [/]", "--steps", "1"], capsys)
+    assert code == 0, err
+    assert "[true, false] [/]" in out  # printed as text, not read as rich markup
 
 
 def test_eval_errors_are_one_clear_line(run_dir, capsys, tmp_path):
@@ -99,3 +112,19 @@ def test_eval_errors_are_one_clear_line(run_dir, capsys, tmp_path):
     assert code == 2 and "no usable rows for task 'sudoku'" in err
     code, _, err = run_cli(["eval", str(run_dir), "--steps", "0,4"], capsys)
     assert code == 2 and "--steps" in err
+
+
+def test_help_imports_no_model_library():
+    """`dgemma-ft --help` (and a command's --help) only prints text: torch, transformers and datasets stay unloaded."""
+    probe = ("import sys\nfrom dgemma_ft.cli import main\nfor args in (['--help'], ['eval', '--help'], []):\n"
+             "    try:\n        main(args)\n    except SystemExit:\n        pass\n"
+             "print(sorted(m for m in ('torch', 'transformers', 'datasets', 'dgemma_ft.api') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert "Usage: dgemma-ft" in done.stdout and done.stdout.splitlines()[-1] == "[]"
+
+
+def test_usage_mistakes_are_clicks_message_without_a_traceback(capsys):
+    code, _, err = run_cli(["eval", "somewhere", "--bogus"], capsys)
+    assert code == 2 and "No such option: --bogus" in err and "Traceback" not in err
+    code, out, err = run_cli([], capsys)  # no arguments: the help
+    assert code == 2 and "Usage: dgemma-ft" in out + err and "Traceback" not in err

@@ -127,6 +127,15 @@ def test_non_positive_steps_are_refused(run_dir, no_model, capsys, command, step
     one_error(code, err, "--steps", "positive")
 
 
+@pytest.mark.parametrize("command", ["eval", "generate"])
+def test_a_missing_or_unknown_target_is_named_with_the_command_given(tmp_path, no_model, capsys, command):
+    extra = ["--prompt", "1000"] if command == "generate" else []
+    code, _, err = run_cli([command, str(tmp_path / "nowhere"), *extra], capsys)
+    one_error(code, err, f"error: {command}: '{tmp_path / 'nowhere'}' does not exist")
+    code, _, err = run_cli([command, str(tmp_path), *extra], capsys)  # a folder, but no run and no model
+    one_error(code, err, f"error: {command}: '{tmp_path}' is neither a run folder")
+
+
 # ---------------------------------------------------------------------------------------- 4: prompt lengths
 def test_an_over_long_prompt_is_refused_before_the_sampler(run_dir, no_sampler, capsys):
     code, _, err = run_cli(["generate", str(run_dir), "--prompt", "7" * 120_000, "--steps", "1"], capsys)

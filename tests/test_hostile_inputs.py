@@ -8,8 +8,9 @@ import pytest
 
 from dgemma_ft.errors import UserError
 from dgemma_ft.finetune.recipe import load_recipe
-from dgemma_ft.tasks.base import MAX_LINE_BYTES, SourceSpec, get_task, read_rows
-from dgemma_ft.tasks.json_schema import PATTERN_SECONDS
+from dgemma_ft.tasks import SourceSpec, get_task
+from dgemma_ft.tasks.sources import MAX_LINE_BYTES, read_rows
+from dgemma_ft.tasks.json import PATTERN_SECONDS
 from cli_helpers import run_cli
 
 BASE = """\
@@ -131,13 +132,17 @@ DATA_FILES = [
     ("latin-1-jsonl", "rows.jsonl", _sudoku_rows('{"puzzle": "caf\xe9"}\n'.encode("latin-1")),
      ["rows.jsonl:2: not UTF-8 text (byte 0xe9)", "save the file as UTF-8"]),
     ("latin-1-csv", "rows.csv", "puzzle\n1000000240030000\ncaf\xe9\n".encode("latin-1"),
-     ["rows.csv: not UTF-8 text", "save the file as UTF-8"]),
+     ["rows.csv:3: not UTF-8 text (byte 0xe9)", "save the file as UTF-8"]),
+    ("latin-1-txt", "rows.txt", b"1000000240030000\ncaf\xe9\n", ["rows.txt:2: not UTF-8 text (byte 0xe9)"]),
     ("latin-1-json", "rows.json", f'[{json.dumps(GOOD_ROW)},\n{{"p": "caf\xe9"}}]'.encode("latin-1"),
      ["rows.json:2: not UTF-8 text", "save the file as UTF-8"]),
     ("deep-json-file", "deep.json", b"[" * 100_000 + b"]" * 100_000, ["deep.json: JSON nested too deeply"]),
-    ("csv-field-too-large", "big.csv", b"puzzle\n" + b"1" * 200_000 + b"\n", ["big.csv: near line 2",
-                                                                            "not readable as CSV"]),
-    ("unknown-suffix", "rows.txt", b"1000000240030000\n", ["unsupported file type '.txt'"]),
+    ("csv-row-too-long", "long.csv", b"puzzle\n1000000240030000\n1,2\n", ["long.csv: not readable as CSV",
+                                                                          "Expected 1 fields in line 3, saw 2"]),
+    ("csv-quote-unclosed", "quote.csv", b'puzzle\n"1000000240030000\n', ["quote.csv: not readable as CSV"]),
+    ("csv-name-twice", "twice.csv", b"puzzle,puzzle\n1,2\n", ["twice.csv:1: column 'puzzle' is named twice"]),
+    ("broken-parquet", "rows.parquet", b"PAR1 not really", ["rows.parquet: cannot read parquet"]),
+    ("unknown-suffix", "rows.tsv", b"1000000240030000\n", ["unsupported file type '.tsv'", ".txt"]),
 ]
 
 
@@ -226,6 +231,22 @@ def test_catastrophic_pattern_in_an_answer_is_judged_not_hung():
     assert not verdict.correct and "takes too long to check" in verdict.reason
     assert task.validate(example, '{"aa": 1}').correct
     assert "does not match any of the regexes" in task.validate(example, '{"b": 1}').reason
+
+
+def test_json_rows_with_huge_numbers_dropped_bare_strings_kept(tmp_path, capsys):
+    path = tmp_path / "refs.jsonl"
+    number = {"type": "object", "properties": {"x": {"type": "number", "maximum": 5}}}
+    path.write_text('{"schema": {"type": "string"}, "reference": "hello"}\n'
+                    f'{{"schema": {json.dumps(number)}, "reference": {{"x": 1e400}}}}\n'
+                    f'{{"schema": {json.dumps(number)}, "reference": "{{\\"x\\": -1e400}}"}}\n'
+                    f'{{"schema": {json.dumps(number)}, "reference": {{"x": 5}}}}\n', encoding="utf-8")
+    task = get_task("json")
+    dataset = task.build_dataset("eval", SourceSpec(source=str(path)))
+    assert [row["messages"][1]["content"] for row in dataset] == ['"hello"', '{"x":5}']
+    reasons = dict(task.last_report.bad)
+    assert sorted(reasons) == [2, 3]
+    assert "/x holds inf, not a JSON number" in reasons[2] and "too large for a float" in reasons[3]
+    assert "2 unusable row(s) dropped" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------ task options

@@ -47,21 +47,114 @@ def _requests(tokenizer):
 
 
 # ------------------------------------------------------------------------------------------------------ sampler
+# A decision closer than this can go either way between CPU kernel paths. Measured on the golden model between
+# ATen's AVX512 and scalar kernels: at most 6.8e-6 in temperature-scaled logits, 1.9e-6 in entropies and 3.3e-7 in
+# cumulative probabilities; answering a request alone instead of in a batch moves them as much.
+FLOAT_TIE = 1e-4
+
+
+def _decision_margin(sampler, hidden, temperature, pins, no_end, blocked_ids, uniforms, scored) -> float:
+    """The smallest margin of the float decisions one denoising step of one row takes (see `_score` and
+    `_denoise_block`): the top-2 logit gap of every free position (argmax), the distance of every accepted draw
+    from the CDF steps around it (inverse-CDF sampling), the entropy gap across the acceptance cut, the cumulative
+    entropy against the entropy bound, and the mean entropy against the confidence threshold."""
+    config = sampler.config
+    logits = plumbing.softcapped_logits(sampler.base, hidden[0]) / temperature
+    if blocked_ids.numel():
+        blocked = torch.zeros_like(logits, dtype=torch.bool)
+        blocked[:, blocked_ids] = True
+        logits = logits.masked_fill(blocked & no_end[0, :, None], torch.finfo(logits.dtype).min)
+    free = ~pins[0]
+    top = logits.topk(2, dim=-1).values
+    margins = [(top[:, 0] - top[:, 1])[free]]
+    entropy = scored.entropy[0]
+    sorted_entropy, order = entropy.sort()
+    before = sorted_entropy.cumsum(-1) - sorted_entropy
+    chosen = before <= config.entropy_bound
+    margins.append((before - config.entropy_bound).abs())
+    cut = int(chosen.sum())
+    if 0 < cut < entropy.numel():
+        margins.append((sorted_entropy[cut] - sorted_entropy[cut - 1]).reshape(1))
+    accepted = torch.zeros_like(chosen).scatter(-1, order, chosen) & free
+    cdf = logits.softmax(-1).cumsum(-1)
+    drawn = scored.sampled[0]
+    upper = cdf.gather(-1, drawn[:, None]).squeeze(-1)
+    lower = torch.where(drawn > 0, cdf.gather(-1, (drawn - 1).clamp(min=0)[:, None]).squeeze(-1), 0.0)
+    margins.append(torch.minimum(uniforms[0] - lower, upper - uniforms[0])[accepted])
+    margins.append((entropy.mean() - config.confidence_threshold).abs().reshape(1))
+    return float(torch.cat(margins).min())
+
+
+def _first_block_with_a_float_tie(sampler, request: Request, pin: bool) -> int | None:
+    """The first block in which the sampler, answering `request` alone, takes a decision within FLOAT_TIE of going
+    the other way (None: no such block). Up to that block the answer is the same on every CPU; from it on it
+    depends on how the CPU's kernels round."""
+    margins = []
+    score = sampler._score
+
+    def spy(hidden, temperature, pins, pin_tokens, no_end, blocked_ids, uniforms):
+        scored = score(hidden, temperature, pins, pin_tokens, no_end, blocked_ids, uniforms)
+        margins.append(_decision_margin(sampler, hidden, temperature, pins, no_end, blocked_ids, uniforms, scored))
+        return scored
+
+    sampler._score = spy
+    try:
+        trace = sampler.generate([request], pin=pin, trace_index=0)[0].trace
+    finally:
+        del sampler._score
+    assert len(trace) == len(margins)  # one traced step per scored step
+    return next((step["block"] for step, margin in zip(trace, margins) if margin < FLOAT_TIE), None)
+
+
+def _golden_model():
+    golden = json.loads(GOLDEN.read_text())
+    model, tokenizer = build_tiny_model(TinySpec(**golden["spec"]))
+    return golden, model.eval(), tokenizer
+
+
+def _sampler(model, tokenizer, steps: int) -> BlockDiffusionSampler:
+    config = SamplerConfig(max_denoising_steps=steps, max_new_tokens=24)
+    return BlockDiffusionSampler(model, config, special_token_ids=special_token_ids(tokenizer))
+
+
+def _golden_requests(golden) -> list[Request]:
+    return [Request(prompt_ids=r["prompt_ids"], seed=r["seed"], pinned={int(k): v for k, v in r["pinned"].items()})
+            for r in golden["requests"]]
+
+
 def test_sampler_answers_equal_the_pre_rewrite_sampler():
     """tests/data/sampler_golden.json holds the answers of the sampler as it was before the memory-bounded
     rewrite (commit 6838555: full-vocabulary logits and a (batch, canvas, vocab) self-conditioning buffer), for
-    six 4x4 puzzles at 1, 4 and 16 steps with pinning off and on, on a seeded tiny model."""
-    golden = json.loads(GOLDEN.read_text())
-    model, tokenizer = build_tiny_model(TinySpec(**golden["spec"]))
-    model.eval()
+    six 4x4 puzzles at 1, 4 and 16 steps with pinning off and on, on a seeded tiny model.
+
+    The golden was recorded on one CPU. An answer whose trajectory passes a float tie (two entropies a float32 ulp
+    apart, say) can take the other branch on a CPU whose kernels round differently (AVX512 vs AVX2 vs scalar):
+    request 2 at 16 steps with pinning does, in block 1. Such an answer must still equal the golden up to the block
+    of its first tie, and at most a few answers may be explained so: a real change of behaviour moves nearly all."""
+    golden, model, tokenizer = _golden_model()
+    explained = []
     for setting in golden["results"]:
-        requests = [Request(prompt_ids=r["prompt_ids"], seed=r["seed"],
-                            pinned={int(k): v for k, v in r["pinned"].items()}) for r in golden["requests"]]
-        config = SamplerConfig(max_denoising_steps=setting["steps"], max_new_tokens=24)
-        sampler = BlockDiffusionSampler(model, config, special_token_ids=special_token_ids(tokenizer))
-        answers = sampler.generate(requests, pin=setting["pin"])
-        assert [a.token_ids for a in answers] == setting["token_ids"], setting["steps"]
-        assert [a.forwards for a in answers] == setting["forwards"]
+        sampler = _sampler(model, tokenizer, setting["steps"])
+        answers = sampler.generate(_golden_requests(golden), pin=setting["pin"])
+        for index, (answer, token_ids, forwards) in enumerate(zip(answers, setting["token_ids"],
+                                                                  setting["forwards"], strict=True)):
+            if answer.token_ids == token_ids and answer.forwards == forwards:
+                continue
+            where = f"{setting['steps']} steps, pin={setting['pin']}, request {index}"
+            block = _first_block_with_a_float_tie(sampler, _golden_requests(golden)[index], setting["pin"])
+            assert block is not None, f"{where}: the answer differs from the golden with no float tie on its way"
+            same = block * sampler.canvas
+            assert answer.token_ids[:same] == token_ids[:same], f"{where}: differs before its first tie (block {block})"
+            explained.append(where)
+    assert len(explained) <= 6, f"too many answers differ from the golden to be float ties: {explained}"
+
+
+def test_the_golden_answer_that_passes_a_float_tie_is_found():
+    """The explanation above is not vacuous: request 2 at 16 steps with pinning meets two entropies one float32
+    ulp apart at the acceptance cut in block 1 (the one that differs between AVX512 and scalar kernels), and
+    nothing as close in block 0."""
+    golden, model, tokenizer = _golden_model()
+    assert _first_block_with_a_float_tie(_sampler(model, tokenizer, 16), _golden_requests(golden)[2], pin=True) == 1
 
 
 @pytest.mark.parametrize("renoise", [False, True])
@@ -206,7 +299,7 @@ def test_objective_builds_every_tensor_on_the_models_device(tiny, default_device
 # ---------------------------------------------------------------------------------------------- auto batch size
 def test_auto_batch_size_backs_off_on_out_of_memory_without_changing_answers(tiny, monkeypatch):
     from dgemma_ft.inference.evaluate import Setting, evaluate_setting
-    from dgemma_ft.tasks.base import SourceSpec, get_task
+    from dgemma_ft.tasks import SourceSpec, get_task
 
     model, tokenizer = tiny
     task = get_task("sudoku", {"prompt_style": "grid"})

@@ -362,6 +362,20 @@ def test_push_dry_run_shows_card_and_files_without_token(world, monkeypatch):
     assert "model.safetensors" in dict(merged.files) and "75.0%" in merged.card  # the run's eval, before merging
 
 
+def test_pushed_cards_carry_the_run_report_as_model_index(world):
+    """The card parses back with huggingface_hub; its eval results are the run's report (the adapter's rows), for
+    the run folder and for the folder merged from it."""
+    from huggingface_hub import ModelCard
+
+    from dgemma_ft.finetune.push import push
+
+    for folder, repo in ((world / "run_shared", "me/tiny-sudoku"), (world / "merged", "me/tiny-sudoku-merged")):
+        data = ModelCard(push(folder, repo, dry_run=True).card).data
+        assert data.model_name == repo.split("/")[1]
+        assert [(r.metric_name, r.metric_value, r.dataset_type, r.task_name) for r in data.eval_results] == [
+            ("solve rate (16 denoising steps, pin on, renoise off)", 0.75, "generated", "sudoku")]
+
+
 def test_push_without_token_says_how_to_log_in(world, monkeypatch):
     from dgemma_ft.finetune.push import push
 

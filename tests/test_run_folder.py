@@ -6,20 +6,24 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
+import torch
 from cli_helpers import run_cli
+from safetensors.torch import load_file
 
 from dgemma_ft.errors import UserError
 from dgemma_ft.finetune.recipe import load_recipe
 from dgemma_ft.finetune.run import train
 from dgemma_ft.finetune.run_folder import claim, incomplete_reason, inspect
-from dgemma_ft.quiet import MISSING_KEYS, _SharedKeysFilter
+from dgemma_ft.quiet import MISSING_KEYS, _SharedKeysFilter, quiet_known_noise
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "sudoku-4x4-tiny.yaml"
@@ -117,8 +121,6 @@ def finished_run(tmp_path_factory):
 
 def test_resume_on_a_finished_run_trains_nothing_and_says_so(finished_run, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    import shutil
-
     shutil.copytree(finished_run, run_dir)
     before = digest(run_dir)
     code, out, err = run_cli(cli_args(run_dir, 4, 2, "--resume"), capsys)
@@ -134,8 +136,6 @@ def test_resume_on_a_finished_run_trains_nothing_and_says_so(finished_run, tmp_p
 
 
 def test_run_stopped_after_its_last_checkpoint_saves_without_training(finished_run, tmp_path):
-    import shutil
-
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run, run_dir)
     shutil.rmtree(run_dir / "model")  # killed between the checkpoint at train.steps and the final save
@@ -143,8 +143,6 @@ def test_run_stopped_after_its_last_checkpoint_saves_without_training(finished_r
     state = json.loads((run_dir / "trainer_state.json").read_text())
     assert state["global_step"] == 4, "the Trainer resumed at max_steps would train a fifth step"
     assert not (run_dir / "checkpoints" / "checkpoint-5").exists()
-    from safetensors.torch import load_file
-
     saved = load_file(str(run_dir / "model" / "model.safetensors"))
     trained = load_file(str(finished_run / "model" / "model.safetensors"))
     assert saved.keys() == trained.keys()
@@ -152,8 +150,6 @@ def test_run_stopped_after_its_last_checkpoint_saves_without_training(finished_r
 
 
 def test_resume_falls_back_from_incomplete_checkpoints_and_drops_a_torn_log_line(finished_run, tmp_path, capsys):
-    import shutil
-
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run, run_dir)
     checkpoints = run_dir / "checkpoints"
@@ -175,8 +171,6 @@ def test_resume_falls_back_from_incomplete_checkpoints_and_drops_a_torn_log_line
 
 
 def test_resume_refuses_a_checkpoint_past_the_steps_asked(finished_run, tmp_path):
-    import shutil
-
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run, run_dir)
     shutil.rmtree(run_dir / "model")
@@ -185,8 +179,6 @@ def test_resume_refuses_a_checkpoint_past_the_steps_asked(finished_run, tmp_path
 
 
 def _torch_zip(path: Path) -> None:
-    import torch
-
     torch.save({"x": torch.zeros(3)}, str(path))
 
 
@@ -200,8 +192,20 @@ CHECKPOINT_CASES = [
     ("torn optimizer", lambda c: ((c / "trainer_state.json").write_text("{}"), _torch_zip(c / "model.bin"),
                                   (c / "optimizer.pt").write_bytes(b"PK\x03\x04 torn")),
      "optimizer.pt is truncated or corrupt"),
+    ("torn rng state of one process", lambda c: ((c / "trainer_state.json").write_text("{}"),
+                                                 _torch_zip(c / "model.bin"), _torch_zip(c / "rng_state_0.pth"),
+                                                 (c / "rng_state_1.pth").write_bytes(b"PK\x03\x04 torn")),
+     "rng_state_1.pth is truncated or corrupt"),
+    ("shards without .metadata", lambda c: ((c / "trainer_state.json").write_text("{}"),
+                                            (c / "pytorch_model_fsdp_0").mkdir(),
+                                            (c / "pytorch_model_fsdp_0" / ".metadata").write_bytes(b"x"),
+                                            (c / "optimizer_0").mkdir(),
+                                            (c / "optimizer_0" / "__0_0.distcp").write_bytes(b"x")),
+     "optimizer_0 has no .metadata (not every process finished writing its shards)"),
     ("complete", lambda c: ((c / "trainer_state.json").write_text("{}"), _torch_zip(c / "model.bin"),
-                            _torch_zip(c / "optimizer.pt")), None),
+                            _torch_zip(c / "optimizer.pt"), _torch_zip(c / "rng_state.pth")), None),
+    ("complete, sharded", lambda c: ((c / "trainer_state.json").write_text("{}"), (c / "pytorch_model_fsdp_0").mkdir(),
+                                     (c / "pytorch_model_fsdp_0" / ".metadata").write_bytes(b"x")), None),
 ]
 
 
@@ -214,8 +218,6 @@ def test_checkpoint_completeness(tmp_path, name, make, reason):
 
 
 def test_resume_prints_no_shared_missing_keys_but_keeps_real_ones(finished_run, tmp_path, capsys):
-    import shutil
-
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run, run_dir)
     records = []
@@ -239,10 +241,6 @@ def test_resume_prints_no_shared_missing_keys_but_keeps_real_ones(finished_run, 
 
 
 def test_known_library_warnings_are_silenced_narrowly():
-    import warnings
-
-    from dgemma_ft.quiet import quiet_known_noise
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         quiet_known_noise()

@@ -2,8 +2,9 @@
 statistics and traces recorded."""
 
 import pytest
+from transformers import EntropyBoundSamplerConfig
 
-from dgemma_ft.finetune.data import prompt_ids
+from dgemma_ft.chat import prompt_ids
 from dgemma_ft.finetune.tiny import TinySpec, build_tiny_model
 from dgemma_ft.inference.sampling import BlockDiffusionSampler, Request, SamplerConfig
 
@@ -86,7 +87,12 @@ def test_generation_config_defaults_are_read():
     model, _ = build_tiny_model(TinySpec(hidden_size=32, intermediate_size=64, num_hidden_layers=2, head_dim=16,
                                          global_head_dim=16, moe_intermediate_size=16))
     model.generation_config.t_min = 0.3
+    # not SamplerConfig's default (0.1), so reading the class default instead of the model's would fail here
+    model.generation_config.sampler_config = EntropyBoundSamplerConfig(entropy_bound=0.35)
     config = SamplerConfig.from_model(model, max_denoising_steps=9)
     assert config.t_min == 0.3 and config.max_denoising_steps == 9
-    assert config.entropy_bound == pytest.approx(0.1)
+    assert SamplerConfig().entropy_bound != 0.35 and config.entropy_bound == pytest.approx(0.35)
     assert BlockDiffusionSampler(model, config).eos_ids == set(model.generation_config.eos_token_id)
+    # the dict form (sampler_config as generation_config.json stores it) is read too
+    model.generation_config.sampler_config = {"entropy_bound": 0.2}
+    assert SamplerConfig.from_model(model).entropy_bound == pytest.approx(0.2)

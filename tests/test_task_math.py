@@ -1,12 +1,11 @@
 """The math task: GSM8K answers judged right and corrupted ones wrong, generators that are reproducible and
-whose targets check out, countdown expressions parsed safely, validators that never raise and stay fast on
-arbitrary input, and loading with its errors."""
+whose targets check out, countdown expressions parsed safely, validators that never raise on arbitrary input
+(their speed is measured by benchmarks/math_validation.py, not here), and loading with its errors."""
 
-import gc
 import json
 import re
 import threading
-import time
+from collections import Counter
 from fractions import Fraction
 
 import pytest
@@ -15,11 +14,10 @@ from hypothesis import strategies as st
 
 from dgemma_ft.errors import DataError, UserError
 from dgemma_ft.tasks import SourceSpec, get_task
-from dgemma_ft.tasks.base import DATA_DIR, RowError, Verdict
-from dgemma_ft.tasks.math_reasoning import check_expression, exact_value, solve_countdown, warm_up
+from dgemma_ft.tasks import DATA_DIR, RowError, Verdict
+from dgemma_ft.tasks.math import check_expression, exact_value, solve_countdown, warm_up
 
 GSM8K = DATA_DIR / "math" / "gsm8k_test.jsonl"
-BUDGET_S = 0.05
 
 
 @pytest.fixture(scope="module")
@@ -38,22 +36,9 @@ def gsm8k(task):
     return [(row, task.from_row(row, {})) for row in rows]
 
 
-def timed(task, example, text):
-    """(verdict, seconds) with the garbage collector paused: a full collection's pause depends on everything
-    the test process holds (torch, datasets, ...), not on the validator."""
-    gc.disable()
-    try:
-        start = time.perf_counter()
-        verdict = task.validate(example, text)
-        return verdict, time.perf_counter() - start
-    finally:
-        gc.enable()
-
-
 # ------------------------------------------------------------------------------------------------- GSM8K
 def test_gsm8k_answers_are_correct_and_corruptions_are_not(task, gsm8k):
     assert len(gsm8k) == 1319
-    start = time.perf_counter()
     for row, example in gsm8k:
         final = int(row["final"])
         good = task.validate(example, row["answer"])
@@ -67,7 +52,6 @@ def test_gsm8k_answers_are_correct_and_corruptions_are_not(task, gsm8k):
                       f"#### {final:,}", f"\\boxed{{\\frac{{{2 * final}}}{{2}}}}", f"#### {final}.00"):
             verdict = task.validate(example, right)
             assert verdict.correct, (row["id"], right, verdict.reason)
-    assert time.perf_counter() - start < 30
 
 
 def test_extraction_order_and_forms(task):
@@ -180,7 +164,19 @@ def test_countdown_generator(options):
         verdict = task.validate(example, target)
         assert verdict.valid and verdict.correct and verdict.score == 1.0, (example, verdict.reason)
         assert task.violations(example, target) == []
-    assert "at most once" in task.prompt(examples[0])
+        used = Counter(int(n) for n in re.findall(r"\d+", target))
+        assert used == Counter(example["numbers"]), example  # the reference keeps the rule: every number once
+    assert "exactly once" in task.prompt(examples[0])
+
+
+def test_countdown_generator_at_most_once_may_leave_numbers_out():
+    task = get_task("math", {"family": "countdown", "number_use": "at_most_once", "max_numbers": 5})
+    examples = task.generate(300, seed=3)
+    for example in examples:
+        assert task.validate(example, task.target(example)).correct
+        assert check_expression(example["final"], example["numbers"], exactly_once=False) == example["target_value"]
+    left_out = [e for e in examples if len(re.findall(r"\d+", e["final"])) < len(e["numbers"])]
+    assert left_out and "at most once" in task.prompt(examples[0])
 
 
 def test_countdown_judging(countdown):
@@ -199,10 +195,9 @@ def test_countdown_judging(countdown):
         "((((((((((": "well-formed", "": "no expression", "3 4 6": "well-formed",
     }
     for text, reason in rejected.items():
-        verdict, seconds = timed(countdown, example, text)
+        verdict = countdown.validate(example, text)
         assert not verdict.valid and not verdict.correct and verdict.score == 0.0, text[:40]
         assert reason in verdict.reason, (text[:40], verdict.reason)
-        assert seconds < BUDGET_S
     zero = countdown.validate({"kind": "countdown", "numbers": [3, 4, 4], "target_value": 3}, "3/(4-4)")
     assert not zero.valid and "divides by zero" in zero.reason
     assert countdown.violations(example, "(4+x)*3!") == [3, 7]
@@ -212,6 +207,10 @@ def test_countdown_solver_and_rows(countdown):
     assert check_expression(solve_countdown([3, 4, 6], 30), [3, 4, 6]) == 30
     assert check_expression(solve_countdown([2, 3, 7, 9], 24), [2, 3, 7, 9]) == 24
     assert solve_countdown([1, 1], 7) is None
+    # every number exactly once: 43 alone is no solution of [90, 43, 90] -> 43; at most once, it is
+    assert check_expression(solve_countdown([90, 43, 90], 43), [90, 43, 90]) == 43
+    assert solve_countdown([90, 43, 90], 43, exactly_once=False) == "43"
+    assert solve_countdown([5, 7, 100], 12) is None and solve_countdown([5, 7, 100], 12, exactly_once=False)
     example = countdown.from_row({"nums": [25, 5, 3], "target": 8}, {})
     assert check_expression(example["final"], [25, 5, 3]) == 8 and example["kind"] == "countdown"
     with pytest.raises(RowError, match="does not make"):
@@ -225,12 +224,91 @@ def test_countdown_solver_and_rows(countdown):
     assert [countdown.from_row(e, {}) for e in words] == words
 
 
+def test_countdown_uses_every_number_exactly_once_unless_told_otherwise(countdown):
+    example = {"kind": "countdown", "numbers": [90, 43, 90], "target_value": 43}
+    alone = countdown.validate(example, "43")
+    assert not alone.valid and alone.score == 0.0 and "leaves out 90, 90" in alone.reason
+    assert countdown.validate(example, "90-90+43").correct and countdown.validate(example, "90/90*43").correct
+    partial = countdown.validate({"kind": "countdown", "numbers": [3, 4, 6, 2], "target_value": 30}, "(4+6)*3")
+    assert not partial.valid and "leaves out 2" in partial.reason
+    loose = get_task("math", {"family": "countdown", "number_use": "at_most_once"})
+    assert loose.validate(example, "43").correct and loose.validate(example, "90-90+43").correct
+    assert "6 2 times" in loose.validate({"kind": "countdown", "numbers": [3, 4, 6], "target_value": 30},
+                                         "4*6+6").reason
+    assert "exactly once" in countdown.prompt(example) and "at most once" in loose.prompt(example)
+    with pytest.raises(UserError, match="number_use"):
+        get_task("math", {"number_use": "twice"})
+
+
+def test_countdown_step_traces(countdown):
+    example = {"kind": "countdown", "numbers": [44, 15, 79], "target_value": 50}
+    for text in ("44-15=29,79-29=50", "44-15=29\n79-29=50", "44 - 15 = 29; 79 - 29 = 50", "Steps:\n44-15=29\n79-29=50",
+                 "Answer: 44-15=29, 79-29=50.", "79-(44-15)", "79-(44-15) = 50", "15-44=-29,79+-29=50"):
+        verdict = countdown.validate(example, text)
+        assert verdict.correct and verdict.score == 1.0, (text, verdict.reason)
+    trace = countdown.validate(example, "44-15=29,79-29=50")
+    assert trace.details["trace"] == "44-15=29,79-29=50" and trace.details["value"] == "50"
+    rejected = {
+        "44-15=29,79-29=51": "step 2 (79-29=51): 79-29 is 50, not 51",      # a wrong result
+        "44-15=30,79-30=49": "step 1 (44-15=30): 44-15 is 29, not 30",      # a wrong intermediate result
+        "44-15=29,79-15=64": "step 2 (79-15=64): 15 is already used",       # a number used twice
+        "44-15=29,29-15=14": "15 is already used",
+        "79-29=50": "29 is not one of the numbers nor an earlier result",    # a result before it is made
+        "44-15=29,79-15=64,29+64=93": "15 is already used",
+        "44-15=29": "leaves 79 unused",                                      # not every number
+        "44-15=29,79+1=80": "1 is not one of the numbers",
+    }
+    for text, reason in rejected.items():
+        verdict = countdown.validate(example, text)
+        assert not verdict.valid and verdict.score == 0.0 and reason in verdict.reason, (text, verdict.reason)
+    zero = countdown.validate({"kind": "countdown", "numbers": [4, 4, 3], "target_value": 3}, "4-4=0,3/0=0")
+    assert not zero.valid and "step 2 (3/0=0): divides by zero" in zero.reason
+    halves = {"kind": "countdown", "numbers": [7, 2, 2], "target_value": 3}
+    assert "7/2 is 7/2, not 3" in countdown.validate(halves, "7/2=3,3-2=1").reason
+    assert countdown.validate(halves, "7-2=5,5-2=3").correct
+    # the first step hits the target, but the trace goes on: its last result is the answer
+    hits_first = {"kind": "countdown", "numbers": [44, 15, 79], "target_value": 29}
+    assert "79-29 is 50" in countdown.validate(hits_first, "44-15=29,79-29=51").reason
+    missed = countdown.validate(hits_first, "44-15=29,79-29=50")
+    assert missed.valid and not missed.correct and missed.score == 0.5 and "reaches 50, not 29" in missed.reason
+    # with four numbers, results of earlier steps combine; a result left unused breaks exactly-once
+    four = {"kind": "countdown", "numbers": [2, 3, 4, 5], "target_value": 45}
+    assert countdown.validate(four, "2+3=5,4+5=9,5*9=45").correct
+    dangling = countdown.validate({**four, "target_value": 20}, "2+3=5,4*5=20")
+    assert not dangling.valid and "leaves 5 unused" in dangling.reason
+    loose = get_task("math", {"family": "countdown", "number_use": "at_most_once"})
+    assert loose.validate({**four, "target_value": 20}, "2+3=5,4*5=20").correct
+    assert loose.validate(hits_first, "44-15=29").correct
+    assert not loose.validate(hits_first, "44-15=29,79-29=50").correct
+
+
+def test_countdown_rows_keep_the_rule(countdown):
+    trace = countdown.from_row({"numbers": [44, 15, 79], "target": 50, "final": "44-15=29, 79-29=50"}, {})
+    assert trace["final"] == "44-15=29,79-29=50"
+    assert countdown.target(trace) == "44-15=29,79-29=50" and "steps" in countdown.prompt(trace)
+    assert countdown.violations(trace, "44-15=29,79-29=50") == [] and countdown.violations(trace, "44x") == [2]
+    assert countdown.validate(trace, countdown.target(trace)).correct
+    with pytest.raises(RowError, match="leaves out 90, 90"):
+        countdown.from_row({"numbers": [90, 43, 90], "target": 43, "final": "43"}, {})
+    with pytest.raises(RowError, match="79-29 is 50, not 51"):
+        countdown.from_row({"numbers": [44, 15, 79], "target": 51, "final": "44-15=29,79-29=51"}, {})
+    solved = countdown.from_row({"numbers": [90, 43, 90], "target": 43}, {})
+    assert check_expression(solved["final"], [90, 43, 90]) == 43
+    with pytest.raises(RowError, match="exactly once"):
+        countdown.from_row({"numbers": [5, 7, 100], "target": 12}, {})
+    loose = get_task("math", {"family": "countdown", "number_use": "at_most_once"})
+    assert loose.from_row({"numbers": [90, 43, 90], "target": 43, "final": "43"}, {})["final"] == "43"
+    with pytest.raises(RowError, match=r"missing column 'n' \(mapped to numbers\)"):
+        countdown.from_row({"numbers": [1, 2], "target": 3}, {"numbers": "n"})
+
+
 # -------------------------------------------------------------------------------------------------- fuzzing
 WORD_TOKENS = ["####", "#### ", "\\boxed{", "\\fbox{", "}", "{", "\\frac{", "\\sqrt{", "\\text{", "\\left(",
                "\\right)", "\\cdot", "\\times", "\\div", "^", "!", "e", "1e999999", "(", ")", "-", "+", "*", "/",
                ".", ",", "%", "$", "\\$", "\n", " ", "The answer is ", "18", "19", "0", "1,000", "2.5",
                "9" * 5000, "(" * 1000, "{" * 1000, "\\boxed{" * 300, "#" * 1000, "1" * 61]
-COUNTDOWN_TOKENS = ["3", "4", "6", "10", "30", "0", "+", "-", "*", "/", "(", ")", "**", "//", " ", "\n", "=",
+COUNTDOWN_TOKENS = ["3", "4", "6", "10", "30", "0", "+", "-", "*", "/", "(", ")", "**", "//", " ", "\n", "=", ",", ";",
+                    "4+6=10", "10*3=30", "3-3=0", "6/0=0", "-" + "9" * 300,
                     "__import__('os')", "(3).real", "abs(", "lambda", "1_0", ".5", "\u00d7", "\u00f7", ":",
                     "9" * 5000, "(" * 300, "-" * 300, "3" + "*3" * 200]
 near_miss_word = st.lists(st.sampled_from(WORD_TOKENS) | st.text(max_size=3), max_size=30).map("".join)
@@ -245,31 +323,30 @@ COUNTDOWN_EXAMPLE = {"kind": "countdown", "question": "q", "numbers": [3, 4, 6],
     (WORD_EXAMPLE, st.text()), (WORD_EXAMPLE, near_miss_word),
     (COUNTDOWN_EXAMPLE, st.text()), (COUNTDOWN_EXAMPLE, near_miss_countdown),
 ], ids=["word-any", "word-near", "countdown-any", "countdown-near"])
-def test_validators_never_raise_and_stay_fast(task, example, strategy):
-    seconds: list[float] = []
+def test_validators_never_raise(task, example, strategy):
+    checked: list[str] = []
 
     @FUZZ
     @given(strategy)
     def check(text):
-        verdict, took = timed(task, example, text)
-        seconds.append(took)
+        verdict = task.validate(example, text)
+        checked.append(text)
         assert isinstance(verdict, Verdict) and isinstance(verdict.reason, str) and "\n" not in verdict.reason
         assert 0.0 <= verdict.score <= 1.0 and (verdict.valid or not verdict.correct)
 
     check()
-    assert len(seconds) >= 2500
-    assert max(seconds) < BUDGET_S, max(seconds)
+    assert len(checked) >= 2500
 
 
-def test_adversarial_inputs_are_fast(task):
+def test_adversarial_inputs_get_a_verdict(task):
     texts = ["9" * 10000, "(" * 100000, "#### " + "9" * 10000, "\\boxed{" * 20000, "#### " * 20000,
              "\\boxed{" + "9" * 10000 + "}", "1e" + "9" * 1000, "\\boxed{9^{9^{9^{9}}}}", "\\boxed{99999!}",
              "-" * 100000 + "3", "\x00" * 10000, "\ud800", "#### 1/0", "#### 0/0", "\\boxed{\\frac{1}{0}}",
              "," * 10000 + "1", "1,000," * 5000, "1." * 20000, "\\sqrt{" * 5000 + "2" + "}" * 5000]
     for example in (WORD_EXAMPLE, COUNTDOWN_EXAMPLE):
         for text in texts:
-            verdict, seconds = timed(task, example, text)
-            assert isinstance(verdict, Verdict) and seconds < BUDGET_S, (text[:30], seconds)
+            verdict = task.validate(example, text)
+            assert isinstance(verdict, Verdict) and 0.0 <= verdict.score <= 1.0, text[:30]
     assert not task.validate(WORD_EXAMPLE, None).correct  # not even a string: a verdict, no exception
 
 

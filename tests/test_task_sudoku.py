@@ -1,9 +1,9 @@
 """Sudoku task: the public reference solutions are judged correct and their corruptions rejected, generation is
-seeded and unique, sources and options fail with one clear line, and the validator never raises and stays fast."""
+seeded and unique, sources and options fail with one clear line, and the validator never raises (its speed is
+measured by benchmarks/sudoku_validation.py, not here)."""
 
 import json
 import random
-import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from dgemma_ft.errors import DataError, UserError
 from dgemma_ft.tasks import SourceSpec, Verdict, get_task
 from dgemma_ft.tasks.sudoku import Grid
-
+from dgemma_ft.tasks.sudoku.grid import analyse_puzzle
 
 
 def fuzz(examples: int):
@@ -206,7 +206,7 @@ def test_bad_rows_are_reported_and_strict_mode_rejects(task, tmp_path):
         json.dumps({"puzzle": "9" + "0" * 80}),  # a 9x9 row for a 4x4 task
     ]) + "\n")
     data = task.build_dataset("eval", SourceSpec(source=str(path)))
-    assert len(data) == 2 and data[1]["solution"] is None
+    assert len(data) == 2 and data[1]["solution"] == "1234341241232341"  # solved once, when the row was read
     assert task.target(dict(data[1])) == "1234\n3412\n4123\n2341"
     report = task.last_report
     assert len(report.bad) == 6 and "6 unusable row(s)" in report.summary()
@@ -257,6 +257,48 @@ def test_sapientinc_style_rows_and_column_mapping(tmp_path):
         get_task("sudoku").build_dataset("eval", SourceSpec(source=str(path), strict=True))
 
 
+def test_one_puzzle_per_line_txt(tmp_path):
+    nine = get_task("sudoku", {"box_rows": 3, "box_cols": 3, "min_blanks": 40, "max_blanks": 50})
+    examples = nine.generate(5, 9)
+    puzzles, solutions = [e["puzzle"] for e in examples], [e["solution"] for e in examples]
+    wrong = solutions[1].translate(str.maketrans("12", "21"))
+    path = tmp_path / "puzzles.txt"
+    path.write_text("\n".join([
+        puzzles[0].replace("0", "."),  # the classic format: 81 characters, '.' blanks
+        puzzles[1],  # '0' blanks
+        "",
+        f"{puzzles[2]},{solutions[2]}",  # puzzle and solution on one line: comma, tab or space between
+        f"{puzzles[3]}\t{solutions[3]}",
+        f" {puzzles[4]} {solutions[4]} ",
+        puzzles[0][:80],
+        f"{puzzles[1]},{wrong}",
+    ]) + "\n")
+    data = nine.build_dataset("eval", {"source": str(path)})
+    assert [row["puzzle"] for row in data] == puzzles
+    assert [row["solution"] for row in data] == solutions
+    assert all(nine.validate(dict(row), nine.target(dict(row))).correct for row in data)
+    reasons = dict(nine.last_report.bad)
+    assert reasons[7] == "expected 81 cells for a 9x9 grid, got 80" and len(reasons) == 2
+    assert reasons[8].startswith("solution does not match the given at r")
+
+
+def test_puzzle_only_rows_are_solved_once(tmp_path, monkeypatch):
+    nine = get_task("sudoku", {"box_rows": 3, "box_cols": 3, "min_blanks": 40, "max_blanks": 50})
+    example = nine.generate(1, 31)[0]
+    path = tmp_path / "puzzle_only.jsonl"
+    path.write_text(json.dumps({"puzzle": example["puzzle"]}) + "\n")
+    analyse_puzzle.cache_clear()  # a cached earlier solve would hide a second one
+    calls, solve = [], Grid.solve
+    monkeypatch.setattr(Grid, "solve", lambda self, *args, **kwargs: calls.append(1) or solve(self, *args, **kwargs))
+    row = dict(nine.build_dataset("eval", {"source": str(path)})[0])
+    answer = nine.target(row)
+    assert row["solution"] == example["solution"] and nine.validate(row, answer).correct
+    blank = nine.grid.offset(example["puzzle"].index("0"))
+    wrong = nine.validate(row, _replace(answer, blank, str(int(answer[blank]) % 9 + 1)))
+    assert not wrong.correct and 0.0 < wrong.score < 1.0
+    assert len(calls) == 1
+
+
 # ------------------------------------------------------------------------------------- pinned, violations
 def test_pinned_and_violations(task, public):
     for example in public[0][::97] + public[1][::97]:
@@ -300,18 +342,16 @@ def _near_misses(target: str):
 
 
 @pytest.mark.parametrize("box,count", [((2, 2), 7000), ((3, 3), 3000)])
-def test_validator_never_raises_and_is_fast(box, count):
+def test_validator_never_raises(box, count):
     task = get_task("sudoku", {"box_rows": box[0], "box_cols": box[1], "min_blanks": 5, "max_blanks": 9})
     example = task.generate(1, 0)[0]
     target = task.target(example)
-    durations, calls = [], [0]
+    calls = [0]
 
     @fuzz(count)
     @given(_near_misses(target))
     def check(text):
-        started = time.perf_counter()
         verdict = task.validate(example, text)
-        durations.append(time.perf_counter() - started)
         calls[0] += 1
         assert isinstance(verdict, Verdict) and isinstance(verdict.reason, str) and "\n" not in verdict.reason
         assert 0.0 <= verdict.score <= 1.0 and (verdict.valid or not verdict.correct)
@@ -319,13 +359,9 @@ def test_validator_never_raises_and_is_fast(box, count):
 
     check()
     assert calls[0] >= count * 0.9
-    # the 99th percentile: thousands of calls on a shared 2-core machine meet the odd scheduler or GC pause
-    # (one call of 0.47 s was seen in a fresh-clone CI run), which says nothing about the validator
-    typical = sorted(durations)[int(len(durations) * 0.99)]
-    assert typical < 0.05, typical
 
 
-def test_validator_on_huge_and_odd_strings_is_fast(task, public):
+def test_validator_on_huge_and_odd_strings(task, public):
     example = public[0][300]
     target = task.target(example)
     rng = random.Random(0)
@@ -333,20 +369,15 @@ def test_validator_on_huge_and_odd_strings_is_fast(task, public):
             "1a" * 500_000, "123456789012345x" * 70_000, "1 2 | " * 200_000, "é漢🙂" * 300_000,
             "".join(rng.choice("0123456789 \n|-x") for _ in range(1_000_000)), "x" * 999_000 + target,
             target + "9" * 1_000_000, "\u0663" * 1_000_000]
-    slowest = 0.0
     for text in huge:
-        started = time.perf_counter()
         verdict = task.validate(example, text)
-        slowest = max(slowest, time.perf_counter() - started)
-        assert isinstance(verdict, Verdict)
+        assert isinstance(verdict, Verdict) and "\n" not in verdict.reason
     assert task.validate(example, target + "9" * 1_000_000).correct
-    assert slowest < 0.05, slowest
+    assert not task.validate(example, "x" * 1_000_000).valid
     nine = get_task("sudoku", {"box_rows": 3, "box_cols": 3, "min_blanks": 40, "max_blanks": 50})
     nine_example = nine.generate(1, 2)[0]
-    started = time.perf_counter()
     for text in huge:
-        nine.validate(nine_example, text)
-    assert (time.perf_counter() - started) / len(huge) < 0.05
+        assert isinstance(nine.validate(nine_example, text), Verdict)
 
 
 @fuzz(1500)

@@ -17,7 +17,7 @@ from dgemma_ft.inference import constraints
 from dgemma_ft.inference.constraints import char_offsets, pinned_tokens, special_token_ids, violation_checker
 from dgemma_ft.inference.evaluate import Setting, evaluate_setting, make_requests
 from dgemma_ft.inference.sampling import BlockDiffusionSampler, SamplerConfig
-from dgemma_ft.tasks.base import RowError, SourceSpec, get_task
+from dgemma_ft.tasks import RowError, SourceSpec, get_task
 from dgemma_ft.tasks.sudoku import Grid, SudokuTask
 
 UNSEEN = "é→日✓"  # never in the training corpus: only byte tokens can write these

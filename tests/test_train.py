@@ -11,10 +11,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import PeftModel
+from rich.console import Console
+from safetensors.torch import load_file
+from transformers import DiffusionGemmaForBlockDiffusion
 
 from dgemma_ft.errors import UserError
+from dgemma_ft.finetune import trainer as trainer_module
+from dgemma_ft.finetune.lora import adapter_layout, load_adapter, merge_shared
+from dgemma_ft.finetune.merge import merge
+from dgemma_ft.finetune.model_loading import load_model
 from dgemma_ft.finetune.recipe import load_recipe
-from dgemma_ft.finetune.run import train
+from dgemma_ft.finetune.run import build_task_data, train
+from dgemma_ft.finetune.run_folder import checkpoints, incomplete_reason
+from dgemma_ft.inference.run_eval import run_evaluation
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.num_hidden_layers=2",
@@ -29,18 +39,19 @@ def small_recipe(tmp_path, steps=4, extra=()):
 
 
 def test_full_training_writes_a_complete_run_folder(tmp_path):
-    recipe = small_recipe(tmp_path, steps=3, extra=["train.checkpoint_every=2"])
+    recipe = small_recipe(tmp_path, steps=3, extra=["train.checkpoint_every=1", "train.keep_checkpoints=2"])
     run_dir = train(recipe)
     assert (run_dir / "recipe.yaml").exists()
     assert (run_dir / "model" / "config.json").exists() and (run_dir / "model" / "tokenizer.json").exists()
-    assert (run_dir / "checkpoints" / "checkpoint-2").is_dir()
-    assert not (run_dir / "checkpoints" / ".staging").exists()
+    assert [c.name for c in checkpoints(run_dir / "checkpoints")] == ["checkpoint-2", "checkpoint-3"], \
+        "keep_checkpoints=2 keeps the two newest"
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-3"]
     state = json.loads((run_dir / "trainer_state.json").read_text())
     assert state["global_step"] == 3
     log = [json.loads(line) for line in (run_dir / "logs" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3]
     assert all({"diffusion_loss", "mean_t"} <= set(r) for r in log if "loss" in r)
-    assert list((run_dir / "logs").glob("**/events.out.tfevents.*")), "TensorBoard events missing"
+    assert list((run_dir / "logs").glob("events.out.tfevents.*")), "TensorBoard events missing"
     resolved = load_recipe(run_dir / "recipe.yaml")
     assert resolved.train.steps == 3
     with pytest.raises(UserError, match="already holds a finished run"):
@@ -48,8 +59,6 @@ def test_full_training_writes_a_complete_run_folder(tmp_path):
 
 
 def test_training_excludes_every_evaluation_example(tmp_path):
-    from dgemma_ft.finetune.run import build_task_data
-
     recipe = load_recipe(ROOT / "recipes" / "sudoku-4x4-tiny.yaml", ["task.train.size=3000"])
     data = build_task_data(recipe)
     eval_keys = {data.task.key(row) for row in data.eval}
@@ -68,7 +77,7 @@ def test_killed_run_resumes_to_the_requested_step(tmp_path):
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 120
     try:
-        while not (run_dir / "checkpoints" / "checkpoint-2" / "trainer_state.json").exists():
+        while incomplete_reason(run_dir / "checkpoints" / "checkpoint-2") is not None:  # written in place
             assert process.poll() is None, "the run ended before its first checkpoint"
             assert time.time() < deadline, "no checkpoint within 120 s"
             time.sleep(0.05)
@@ -80,6 +89,7 @@ def test_killed_run_resumes_to_the_requested_step(tmp_path):
     train(recipe, resume=True)
     state = json.loads((run_dir / "trainer_state.json").read_text())
     assert state["global_step"] == 8
+    assert json.loads((run_dir / "train_summary.json").read_text())["resumed_from_step"] >= 2
     steps = [json.loads(line)["step"] for line in (run_dir / "logs" / "train_log.jsonl").read_text().splitlines()
              if "loss" in json.loads(line)]
     assert steps == sorted(set(steps)) and steps[-1] == 8 and steps[0] == 1
@@ -87,8 +97,6 @@ def test_killed_run_resumes_to_the_requested_step(tmp_path):
 
 
 def test_resume_without_checkpoint_starts_from_step_zero_and_says_so(tmp_path):
-    from rich.console import Console
-
     console = Console(record=True, width=400)
     run_dir = train(small_recipe(tmp_path, steps=2), resume=True, console=console)
     assert "has no checkpoint yet; starting from step 0" in console.export_text()
@@ -96,8 +104,6 @@ def test_resume_without_checkpoint_starts_from_step_zero_and_says_so(tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    from dgemma_ft.finetune import trainer as trainer_module
-
     real = trainer_module.block_diffusion_loss
     calls = {"n": 0}
 
@@ -114,16 +120,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
         train(recipe)
     checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-2"
     assert (checkpoint / "model.safetensors").exists()
-    weights = __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(checkpoint / "model.safetensors"))
+    weights = load_file(str(checkpoint / "model.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
 def test_lora_on_a_trained_tiny_base_is_one_shared_mergeable_adapter(tmp_path):
-    from peft import PeftModel
-
-    from dgemma_ft.finetune.lora import adapter_layout, load_adapter, merge_shared
-    from dgemma_ft.finetune.model_loading import load_model
-
     base_dir = train(small_recipe(tmp_path / "base", steps=2))
     lora_recipe = load_recipe(ROOT / "recipes" / "sudoku-4x4-lora-tiny.yaml",
                               ["task.train.size=32", "task.eval.size=8", "train.batch_size=4", "train.steps=3",
@@ -150,11 +151,6 @@ def test_lora_on_a_trained_tiny_base_is_one_shared_mergeable_adapter(tmp_path):
     assert "vision" not in json.dumps(config["target_modules"])
 
     # merge -> plain transformers -> same logits; and `eval` on the merged folder answers as the run does
-    from transformers import DiffusionGemmaForBlockDiffusion
-
-    from dgemma_ft.finetune.merge import merge
-    from dgemma_ft.inference.run_eval import run_evaluation
-
     merged_dir = tmp_path / "merged"
     merge(run_dir, merged_dir, dtype="float32")
     reloaded = DiffusionGemmaForBlockDiffusion.from_pretrained(str(merged_dir)).eval()
