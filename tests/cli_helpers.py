@@ -2,6 +2,10 @@
 
 from dgemma_ft.cli import main
 
+# The smallest tiny DiffusionGemma the tests train (seconds per run on a CPU): prepend to a test's own overrides.
+SMALL_MODEL = ["model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.num_hidden_layers=2",
+               "model.tiny.head_dim=16", "model.tiny.global_head_dim=16", "model.tiny.moe_intermediate_size=16"]
+
 
 def run_cli(args, capsys):
     try:

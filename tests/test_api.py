@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 import dgemma_ft
-from cli_helpers import run_cli
+from cli_helpers import SMALL_MODEL, run_cli
 from dgemma_ft import (Generation, MergeResult, PushResult, Recipe, Report, RunResult, api, check, estimate, evaluate,
                        generate, merge, push, train)
 from dgemma_ft.errors import UserError
@@ -24,9 +24,7 @@ from dgemma_ft.finetune.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "sudoku-4x4-tiny.yaml"
-TINY_MODEL = ["model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.num_hidden_layers=2",
-              "model.tiny.head_dim=16", "model.tiny.global_head_dim=16", "model.tiny.moe_intermediate_size=16",
-              "task.train.size=64", "task.exclude_sources=[]", "train.batch_size=4", "train.threads=1"]
+TINY_MODEL = [*SMALL_MODEL, "task.train.size=64", "task.exclude_sources=[]", "train.batch_size=4", "train.threads=1"]
 SMALL = [*TINY_MODEL, "train.warmup_steps=1", "train.steps=2", "train.log_every=1", "task.eval.source=generate",
          "task.eval.size=4", "eval.steps=[1]", "eval.batch_size=8"]
 

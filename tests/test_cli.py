@@ -10,12 +10,10 @@ import pytest
 
 from dgemma_ft.finetune.recipe import load_recipe
 from dgemma_ft.finetune.run import train
-from cli_helpers import run_cli
+from cli_helpers import SMALL_MODEL, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = ["model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.num_hidden_layers=2",
-         "model.tiny.head_dim=16", "model.tiny.global_head_dim=16", "model.tiny.moe_intermediate_size=16",
-         "task.train.size=64", "task.exclude_sources=[]", "train.batch_size=4", "train.warmup_steps=1",
+SMALL = [*SMALL_MODEL, "task.train.size=64", "task.exclude_sources=[]", "train.batch_size=4", "train.warmup_steps=1",
          "train.threads=1", "train.steps=2", "train.log_every=1"]
 
 

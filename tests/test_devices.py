@@ -13,10 +13,10 @@ from dgemma_ft.finetune import model_loading
 from dgemma_ft.finetune.model_loading import load_model, resolve_device
 from dgemma_ft.finetune.recipe import ModelSection
 
+from cli_helpers import SMALL_MODEL
+
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = ["model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.num_hidden_layers=2",
-         "model.tiny.head_dim=16", "model.tiny.global_head_dim=16", "model.tiny.moe_intermediate_size=16",
-         "task.train.size=32", "task.eval.source=generate", "task.eval.size=4", "train.batch_size=4",
+SMALL = [*SMALL_MODEL, "task.train.size=32", "task.eval.source=generate", "task.eval.size=4", "train.batch_size=4",
          "train.warmup_steps=1", "train.threads=1", "task.exclude_sources=[]", "train.steps=2",
          "eval.steps=[1]"]
 

@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from cli_helpers import SMALL_MODEL
+
 ROOT = Path(__file__).resolve().parent.parent
 FSDP_CONFIG = ROOT / "recipes" / "accelerate" / "fsdp.yaml"
 TINY = ROOT / "recipes" / "sudoku-4x4-tiny.yaml"
 LORA = ROOT / "recipes" / "sudoku-4x4-lora-tiny.yaml"
-SMALL = ["model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.num_hidden_layers=2",
-         "model.tiny.head_dim=16", "model.tiny.global_head_dim=16", "model.tiny.moe_intermediate_size=16",
-         "task.train.size=64", "task.eval.size=16", "train.batch_size=4", "train.warmup_steps=1",
+SMALL = [*SMALL_MODEL, "task.train.size=64", "task.eval.size=16", "train.batch_size=4", "train.warmup_steps=1",
          "train.log_every=1", "train.threads=1", "task.exclude_sources=[]", "train.steps=3",
          "train.checkpoint_every=2"]
 LORA_SMALL = ["task.train.size=32", "task.eval.size=8", "train.batch_size=4", "train.steps=3", "train.warmup_steps=1",

@@ -10,15 +10,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cli_helpers import run_cli
+from cli_helpers import SMALL_MODEL, run_cli
 from dgemma_ft.finetune.recipe import load_recipe
 from dgemma_ft.finetune.run import train
 
 ROOT = Path(__file__).resolve().parent.parent
 # The tiny model at its smallest, two training steps, and an eval set of 4 puzzles at 2 denoising steps.
-SMALL = ["model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.num_hidden_layers=2",
-         "model.tiny.head_dim=16", "model.tiny.global_head_dim=16", "model.tiny.moe_intermediate_size=16",
-         "task.train.size=32", "task.exclude_sources=[]", "train.batch_size=4", "train.warmup_steps=1",
+SMALL = [*SMALL_MODEL, "task.train.size=32", "task.exclude_sources=[]", "train.batch_size=4", "train.warmup_steps=1",
          "train.threads=1", "train.steps=2", "train.log_every=1", "task.eval.size=4", "eval.steps=[2]",
          "eval.batch_size=8"]
 UNWRITABLE = "/proc/dgemma-ft-test"  # refused even for root (tests run as root, so chmod proves nothing)

@@ -13,11 +13,11 @@ import pytest
 from dgemma_ft.finetune.recipe import load_recipe
 from dgemma_ft.finetune.run import train
 
+from cli_helpers import SMALL_MODEL
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY_RECIPE = ROOT / "recipes" / "sudoku-4x4-tiny.yaml"
-SMALL = ["model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.num_hidden_layers=2",
-         "model.tiny.head_dim=16", "model.tiny.global_head_dim=16", "model.tiny.moe_intermediate_size=16",
-         "task.train.size=8", "task.exclude_sources=[]", "train.batch_size=2", "train.warmup_steps=0",
+SMALL = [*SMALL_MODEL, "task.train.size=8", "task.exclude_sources=[]", "train.batch_size=2", "train.warmup_steps=0",
          "train.threads=1", "train.steps=1", "eval.limit=2", "eval.steps=[2]"]
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import run_cli
+
+from cli_helpers import SMALL_MODEL, run_cli
 from safetensors.torch import load_file
 
 from dgemma_ft.errors import UserError
@@ -27,9 +28,7 @@ from dgemma_ft.quiet import MISSING_KEYS, _SharedKeysFilter, quiet_known_noise
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "sudoku-4x4-tiny.yaml"
-SMALL = ["model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.num_hidden_layers=2",
-         "model.tiny.head_dim=16", "model.tiny.global_head_dim=16", "model.tiny.moe_intermediate_size=16",
-         "task.train.size=64", "task.eval.size=8", "train.batch_size=4", "train.warmup_steps=1",
+SMALL = [*SMALL_MODEL, "task.train.size=64", "task.eval.size=8", "train.batch_size=4", "train.warmup_steps=1",
          "train.log_every=1", "train.threads=1", "task.exclude_sources=[]", "train.keep_checkpoints=10"]
 
 

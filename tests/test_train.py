@@ -26,10 +26,10 @@ from dgemma_ft.finetune.run import build_task_data, train
 from dgemma_ft.finetune.run_folder import checkpoints, incomplete_reason
 from dgemma_ft.inference.run_eval import run_evaluation
 
+from cli_helpers import SMALL_MODEL
+
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = ["model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.num_hidden_layers=2",
-         "model.tiny.head_dim=16", "model.tiny.global_head_dim=16", "model.tiny.moe_intermediate_size=16",
-         "task.train.size=64", "task.eval.size=16", "train.batch_size=4", "train.warmup_steps=1",
+SMALL = [*SMALL_MODEL, "task.train.size=64", "task.eval.size=16", "train.batch_size=4", "train.warmup_steps=1",
          "train.log_every=1", "train.threads=1", "task.exclude_sources=[]"]
 
 
