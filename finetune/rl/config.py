@@ -51,6 +51,8 @@ class RLConfig(_Section):
     corruption_t: tuple[float, float] = Field((0.5, 1.0), description="noise levels of the corrupted copies: "
                                                                       "uniform in [low, high]")
     keep_pinned: bool = True
+    shared_noise: bool = Field(True, description="the answers to one prompt share each corruption draw (common "
+                                                 "random numbers: far less noise in the gradient)")
     reward: RewardWeights = Field(default_factory=RewardWeights)
     scale_rewards: bool = True
     compare_base: bool = True

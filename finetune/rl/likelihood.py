@@ -45,10 +45,12 @@ class Corruption:
 
 def draw_corruption(batch: BlockBatch, canvas_length: int, vocab_size: int, copies: int,
                     levels: tuple[float, float], pinned: torch.Tensor | None = None,
-                    generator: torch.Generator | None = None) -> Corruption:
+                    generator: torch.Generator | None = None, group_size: int = 1) -> Corruption:
     """`copies` corrupted copies of each answer block of `batch`, at noise levels uniform in `levels`; `pinned`
-    (B, blocks * C) marks answer positions kept clean and left out of the estimate. Drawn on the CPU from
-    `generator`, so the same seed gives the same corruption on any device."""
+    (B, blocks * C) marks answer positions kept clean and left out of the estimate. With `group_size` > 1, each
+    run of that many rows (the answers to one prompt) shares one draw: the same t, the same positions replaced
+    and the same random tokens there. Drawn on the CPU from `generator`, so the same seed gives the same
+    corruption on any device."""
     input_ids = batch.input_ids.cpu()
     rows, length = input_ids.shape
     num_blocks = batch.num_blocks.cpu()
@@ -59,8 +61,16 @@ def draw_corruption(batch: BlockBatch, canvas_length: int, vocab_size: int, copi
     positions = (starts[:, :, None] + torch.arange(canvas_length)).clamp(max=length - 1)
     clean = input_ids.gather(1, positions.flatten(1)).view(rows, -1, canvas_length)
     low, high = levels
-    t = low + (high - low) * torch.rand(rows, block_index.shape[1], generator=generator)
-    noisy = corrupt(clean, t, vocab_size, generator)
+    if group_size > 1:  # one draw per group, repeated for its answers
+        groups = rows // group_size
+        t = low + (high - low) * torch.rand(groups, block_index.shape[1], generator=generator)
+        replace = torch.rand(groups, *clean.shape[1:], generator=generator) < t[..., None]
+        tokens = torch.randint(0, vocab_size, (groups, *clean.shape[1:]), generator=generator)
+        t, replace, tokens = (x.repeat_interleave(group_size, dim=0) for x in (t, replace, tokens))
+        noisy = torch.where(replace, tokens, clean)
+    else:
+        t = low + (high - low) * torch.rand(rows, block_index.shape[1], generator=generator)
+        noisy = corrupt(clean, t, vocab_size, generator)
     scored = block_valid[:, :, None].expand(-1, -1, canvas_length).clone()
     if pinned is not None:
         held = pinned.cpu().view(rows, blocks, canvas_length).repeat(1, copies, 1)

@@ -102,7 +102,8 @@ def prepare_round(model, rollouts: Rollouts, settings: RLConfig, seed: int, roun
             corruption = draw_corruption(rollouts.batch, base.config.canvas_length,
                                          base.config.text_config.vocab_size, settings.corruption_samples,
                                          settings.corruption_t, rollouts.pinned if settings.keep_pinned else None,
-                                         corruption_generator(seed, round_index, inner))
+                                         corruption_generator(seed, round_index, inner),
+                                         rollouts.group_size if settings.shared_noise else 1)
             corruptions.append(corruption)
             old.append(log_probs_in_chunks(model, rollouts, corruption, micro))
             if settings.kl_coef > 0:
