@@ -79,6 +79,13 @@ def prepare_model(recipe: Recipe):
     return model, loaded.tokenizer, loaded
 
 
+def parameter_counts(model) -> tuple[int, int, str]:
+    """(trainable, total, "1.55 M parameters, 0.124 M trainable": what the run's model line says)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total, f"{total / 1e6:.2f} M parameters, {trainable / 1e6:.3f} M trainable"
+
+
 def plan_run(run_dir: Path, steps: int, resume: bool, say, main_process: bool = True) -> RunState:
     """What training does with `run_dir`: start fresh, start a run stopped before its first checkpoint again,
     resume from the newest complete checkpoint, or nothing for a finished run. Refuses to overwrite a run that
@@ -140,8 +147,6 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> Path:
 def _train(recipe: Recipe, run_dir: Path, checkpoint: Path | None, say) -> Path:
     # imported here: transformers' Trainer stack (accelerate, bitsandbytes) takes seconds to import, and
     # `dgemma-ft check` imports this module (build_task_data) without training
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
     from dgemma_ft.finetune.trainer import (BlockDiffusionTrainer, JsonlLog, RichProgress, tensorboard_log,
                                             training_arguments)
 
@@ -153,10 +158,8 @@ def _train(recipe: Recipe, run_dir: Path, checkpoint: Path | None, say) -> Path:
     say(f"[bold]task[/] {recipe.task.name}: {len(data.train)} training examples"
         + (f", {len(data.eval)} evaluation examples (kept out of training)" if data.eval is not None else ""))
     model, tokenizer, loaded = prepare_model(recipe)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    say(f"[bold]model[/] {loaded.source}: {total / 1e6:.2f} M parameters, {trainable / 1e6:.3f} M trainable "
-        f"({recipe.finetune})")
+    trainable, total, counts = parameter_counts(model)
+    say(f"[bold]model[/] {loaded.source}: {counts} ({recipe.finetune})")
     canvas_length = loaded.model.config.canvas_length
     encoded = encode_dataset(data.train, tokenizer, canvas_length, recipe.train.max_blocks)
 
@@ -178,16 +181,7 @@ def _train(recipe: Recipe, run_dir: Path, checkpoint: Path | None, say) -> Path:
     trainer = BlockDiffusionTrainer(
         model=model, args=args, train_dataset=encoded, data_collator=BlockCollator(tokenizer.pad_token_id),
         processing_class=tokenizer, objective=objective, callbacks=callbacks)
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
-
-    started = time.perf_counter()
-    try:
-        with shared_keys_not_missing(model):
-            result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    except KeyboardInterrupt:
-        raise Interrupted(_interrupted_message(trainer, run_dir)) from None
-    seconds = time.perf_counter() - started
+    result, seconds = run_trainer(trainer, model, checkpoint, run_dir)
     model = unsharded_for_saving(trainer, model)  # under FSDP: gathers the weights (every process)
     if is_main_process():
         save_final(model, tokenizer, recipe, run_dir, loaded.base_name)
@@ -237,6 +231,23 @@ def save_from_checkpoint(recipe: Recipe, run_dir: Path, checkpoint: Path, say) -
     del model, loaded
     free_memory()
     return run_dir
+
+
+def run_trainer(trainer, model, checkpoint: Path | None, run_dir: Path):
+    """`trainer.train()` (from `checkpoint` when resuming) with our progress bar in place of the Trainer's printer
+    and tqdm bar; Ctrl-C becomes one line naming the checkpoint kept. Returns (the Trainer's result, seconds)."""
+    # imported here: the Trainer stack takes seconds to import, and `dgemma-ft check` imports this module
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    started = time.perf_counter()
+    try:
+        with shared_keys_not_missing(model):
+            result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except KeyboardInterrupt:
+        raise Interrupted(_interrupted_message(trainer, run_dir)) from None
+    return result, time.perf_counter() - started
 
 
 def _interrupted_message(trainer, run_dir: Path) -> str:

@@ -37,34 +37,49 @@ class NonFiniteLossError(UserError):
     """The loss became NaN or infinite; training stops before the optimizer step can spoil the weights."""
 
 
-class BlockDiffusionTrainer(Trainer):
-    def __init__(self, *args, objective: ObjectiveConfig, **kwargs):
-        super().__init__(*args, **kwargs)
-        prepare_fsdp(self)
-        self.objective = objective
-        self._figures: dict[str, list[float]] = {"diffusion_loss": [], "ar_loss": [], "mean_t": []}
+def refuse_non_finite(trainer: Trainer, loss: torch.Tensor, fix: str) -> None:
+    """Stop before the optimizer step when the loss is NaN or infinite, naming the last good checkpoint."""
+    if torch.isfinite(loss):
+        return
+    last = newest_complete_checkpoint(Path(trainer.args.output_dir), move_aside=False)
+    raise NonFiniteLossError(
+        f"the loss became {float(loss.detach())} at step {trainer.state.global_step + 1}; training stopped before "
+        f"the update. The last good checkpoint is {last or 'none (none was written yet)'}. {fix}")
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        out = forward_through(model, lambda: block_diffusion_loss(model, as_block_batch(inputs), self.objective))
-        if not torch.isfinite(out.loss):
-            last = newest_complete_checkpoint(Path(self.args.output_dir), move_aside=False)
-            raise NonFiniteLossError(
-                f"the loss became {float(out.loss.detach())} at step {self.state.global_step + 1}; training stopped before "
-                f"the update. The last good checkpoint is {last or 'none (none was written yet)'}. Lower train.lr, "
-                f"raise train.warmup_steps, or use model.dtype: float32")
-        self._figures["diffusion_loss"].append(float(out.diffusion_loss))
-        self._figures["mean_t"].append(float(out.mean_t))
-        if out.ar_loss is not None:
-            self._figures["ar_loss"].append(float(out.ar_loss))
-        return (out.loss, out) if return_outputs else out.loss
+
+class AveragedFigures:
+    """Mixin for a Trainer: figures noted per forward pass (`note`) reach each log line as their mean since the
+    last one, beside the Trainer's loss."""
+
+    def note(self, figures: dict[str, float]) -> None:
+        if not hasattr(self, "_figures"):
+            self._figures: dict[str, list[float]] = {}
+        for name, value in figures.items():
+            self._figures.setdefault(name, []).append(value)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
-            for name, values in self._figures.items():
+            for name, values in getattr(self, "_figures", {}).items():
                 if values:
                     logs[name] = sum(values) / len(values)
                     values.clear()
         super().log(logs, start_time)
+
+
+class BlockDiffusionTrainer(AveragedFigures, Trainer):
+    def __init__(self, *args, objective: ObjectiveConfig, **kwargs):
+        super().__init__(*args, **kwargs)
+        prepare_fsdp(self)
+        self.objective = objective
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = forward_through(model, lambda: block_diffusion_loss(model, as_block_batch(inputs), self.objective))
+        refuse_non_finite(self, out.loss, "Lower train.lr, raise train.warmup_steps, or use model.dtype: float32")
+        figures = {"diffusion_loss": float(out.diffusion_loss), "mean_t": float(out.mean_t)}
+        if out.ar_loss is not None:
+            figures["ar_loss"] = float(out.ar_loss)
+        self.note(figures)
+        return (out.loss, out) if return_outputs else out.loss
 
 
 def tensorboard_log(log_dir: Path) -> TensorBoardCallback:

@@ -14,6 +14,9 @@ What this module adds:
 - Renoising: between steps, positions the task's validator flags on the current argmax are sent back to noise
   instead of being accepted, within a budget of steps per block.
 - Statistics and an optional trace of every step for one example.
+- For reinforcement learning: `answer="sampled"` makes the final step's draw the answer (a stochastic policy whose
+  probability can be computed; the default keeps the model's argmax), and `record=True` keeps each step's decoder
+  inputs and choices (`StepRecord`), from which `finetune/rl/trajectory.py` recomputes that probability exactly.
 """
 
 from __future__ import annotations
@@ -78,9 +81,33 @@ class ScoredStep:
     """What one denoising step yields per position (rows, canvas)."""
 
     sampled: torch.Tensor  # drawn token
+    log_prob: torch.Tensor  # of the drawn token under the step's distribution
     argmax: torch.Tensor  # most likely token
     entropy: torch.Tensor  # of the step's distribution
     signal: torch.Tensor  # (rows, canvas, hidden) self-conditioning input of the next step
+
+
+def _kept(values: torch.Tensor) -> torch.Tensor:
+    """A CPU copy (the canvas and signal are updated in place, and `.cpu()` of a CPU tensor is the same storage)."""
+    return values.to("cpu", copy=True)
+
+
+@dataclass
+class StepRecord:
+    """One denoising step of one example, as the policy saw and chose it (CPU tensors, one canvas long): what the
+    decoder read (`canvas`, self-conditioning `signal`, None on a block's first step), the temperature, which
+    positions could not hold an end token, the drawn tokens, and which of them shaped the answer (`chosen`: accepted
+    and not pinned; on a block's last step every position not pinned with `answer="sampled"`, none with "argmax",
+    whose answer is no draw)."""
+
+    block: int
+    canvas: torch.Tensor
+    signal: torch.Tensor | None
+    temperature: float
+    no_end: torch.Tensor
+    tokens: torch.Tensor
+    log_probs: torch.Tensor  # of `tokens`, as the step drew them
+    chosen: torch.Tensor
 
 
 @dataclass
@@ -91,6 +118,7 @@ class Generation:
     blocks: int = 0
     renoised: int = 0  # positions sent back to noise by the validator
     trace: list[dict] | None = None
+    records: list[StepRecord] | None = None  # with `record=True`: every step, in order
 
     @property
     def tokens_per_forward(self) -> float:
@@ -135,11 +163,14 @@ class BlockDiffusionSampler:
     # ----------------------------------------------------------------------------------------------- main
     @torch.no_grad()
     def generate(self, requests: list[Request], pin: bool = True, renoise: bool = False,
-                 trace_index: int | None = None) -> list[Generation]:
-        """Answer every request; returns one `Generation` each, in order."""
+                 trace_index: int | None = None, answer: str = "argmax", record: bool = False) -> list[Generation]:
+        """Answer every request; returns one `Generation` each, in order. `answer`: "argmax" (the model's own
+        choice: each block's last argmax) or "sampled" (each block's last draw at the step's temperature)."""
+        if answer not in ("argmax", "sampled"):
+            raise ValueError(f'answer must be "argmax" or "sampled" (got {answer!r})')
         device = self.device
         count = len(requests)
-        results = [Generation(token_ids=[]) for _ in requests]
+        results = [Generation(token_ids=[], records=[] if record else None) for _ in requests]
         if trace_index is not None:
             results[trace_index].trace = []
         generators = [torch.Generator(device="cpu").manual_seed(int(r.seed)) for r in requests]
@@ -161,7 +192,7 @@ class BlockDiffusionSampler:
         max_blocks = max(1, math.ceil(self.config.max_new_tokens / self.canvas))
         for block in range(max_blocks):
             canvas = self._denoise_block(requests, results, generators, active, prefix, key_pos, key_ok, starts,
-                                         block, pin, renoise, trace_index)
+                                         block, pin, renoise, trace_index, answer == "sampled")
             still = []
             for row, index in enumerate(active.tolist()):
                 tokens = canvas[row].tolist()
@@ -187,8 +218,9 @@ class BlockDiffusionSampler:
         return results
 
     def _denoise_block(self, requests, results, generators, active, prefix, key_pos, key_ok, starts, block,
-                       pin, renoise, trace_index) -> torch.Tensor:
-        """Denoise one canvas for each active row; returns the final argmax canvases (rows of `active`)."""
+                       pin, renoise, trace_index, sampled_answer=False) -> torch.Tensor:
+        """Denoise one canvas for each active row; returns the final canvases (rows of `active`): the last argmax,
+        or with `sampled_answer` the last draw."""
         c = self.config
         device = self.device
         rows = active.shape[0]
@@ -259,8 +291,19 @@ class BlockDiffusionSampler:
             history[-1, live] = new_argmax
             confident = entropy.mean(-1) < c.confidence_threshold
             done = stable & confident & ~flagged.any(-1)
+            last = done | (step == 1)
+            for k, row in enumerate(live.tolist()):
+                records = results[int(active[row])].records
+                if records is not None:
+                    chosen = accept[k] & ~live_pins[k]
+                    if last[k]:  # the answer is this step's draw (every position), or its argmax (no draw)
+                        chosen = ~live_pins[k] if sampled_answer else torch.zeros_like(chosen)
+                    records.append(StepRecord(
+                        block=block, canvas=_kept(canvas[row]), signal=None if signal is None else _kept(signal[row]),
+                        temperature=self._temperature(step), no_end=_kept(no_end[row]), tokens=_kept(sampled[k]),
+                        log_probs=_kept(scored.log_prob[k]), chosen=_kept(chosen)))
             canvas[live] = new_canvas
-            argmax[live] = new_argmax
+            argmax[live] = torch.where(last[:, None], sampled, new_argmax) if sampled_answer else new_argmax
             if signal is None:
                 signal = scored.signal.new_zeros(rows, *scored.signal.shape[1:])
             signal[live] = scored.signal
@@ -296,6 +339,7 @@ class BlockDiffusionSampler:
         pins, pin_tokens, no_end = pins.reshape(-1), pin_tokens.reshape(-1), no_end.reshape(-1)
         uniforms = uniforms.reshape(-1)
         sampled = torch.empty(count, dtype=torch.long, device=flat.device)
+        sampled_log_prob = torch.empty(count, dtype=torch.float32, device=flat.device)
         argmax = torch.empty_like(sampled)
         entropy = torch.empty(count, dtype=torch.float32, device=flat.device)
         signal = None
@@ -314,6 +358,7 @@ class BlockDiffusionSampler:
             entropy[part] = -(probs * log_probs).sum(-1)
             cumulative = probs.cumsum(-1)
             sampled[part] = torch.searchsorted(cumulative, uniforms[part, None]).squeeze(-1).clamp(max=self.vocab - 1)
+            sampled_log_prob[part] = log_probs.gather(-1, sampled[part, None]).squeeze(-1)
             argmax[part] = logits.argmax(-1)
             piece = soft_embedding_rows(self.base, logits)
             if signal is None:
@@ -321,5 +366,5 @@ class BlockDiffusionSampler:
             signal[part] = piece
             del logits, log_probs, probs, cumulative
         shape = hidden.shape[:-1]
-        return ScoredStep(sampled=sampled.view(shape), argmax=argmax.view(shape), entropy=entropy.view(shape),
-                          signal=signal.view(*shape, -1))
+        return ScoredStep(sampled=sampled.view(shape), log_prob=sampled_log_prob.view(shape), argmax=argmax.view(shape),
+                          entropy=entropy.view(shape), signal=signal.view(*shape, -1))

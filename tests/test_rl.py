@@ -131,18 +131,105 @@ def test_clipped_ratio_stops_the_gradient_past_the_clip():
     assert float(out.clip_fraction) == 0.5
 
 
+# ------------------------------------------------------------------------------------ trajectory estimator
+@pytest.fixture(scope="module")
+def short_canvas():
+    """A canvas of 8 tokens, so a Sudoku answer (~20 tokens) spans three blocks: later blocks read earlier ones
+    from the prefix, as the sampler wrote them."""
+    torch.manual_seed(0)
+    model, tokenizer = build_tiny_model(TinySpec(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                 head_dim=16, global_head_dim=16, moe_intermediate_size=16,
+                                                 canvas_length=8, seed=1))
+    model = attach_lora(model.float(), 4, 8, 0.0)
+    task = get_task("sudoku", SUDOKU)
+    examples = [dict(row) for row in task.build_dataset("train", {"source": "generate", "size": 3, "seed": 0})]
+    return model, tokenizer, task, examples
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_trajectory_estimate_is_the_samplers_own_probability(short_canvas, steps):
+    """Recomputed from the records, the log-probability of every kept draw equals what the sampler drew it with
+    (self-conditioning, pins, renoising, the end-token block and later blocks' prefixes included); each block's
+    answer is its last draw, and pinned givens are never counted."""
+    model, tokenizer, task, examples = short_canvas
+    config = RLConfig(prompts_per_step=3, group_size=2, rollout_steps=steps, renoise=True)
+    rollouts = draw_rollouts(model, tokenizer, task, examples, config, seed=0, max_new_tokens=24)
+    trajectory = rollouts.trajectory
+    assert int(trajectory.block_index.max()) == 2 and (trajectory.signal is not None) == (steps > 1)
+    with torch.no_grad():
+        ours = trajectory.log_probs(model, rollouts.batch)
+    torch.testing.assert_close(ours[trajectory.scored], trajectory.drawn_log_probs[trajectory.scored],
+                               atol=1e-5, rtol=0)
+    for row in range(len(rollouts)):
+        answer = rollouts.batch.input_ids[row, int(rollouts.batch.prompt_lengths[row]):]
+        for block in range(int(rollouts.batch.num_blocks[row])):
+            last = (trajectory.block_index[row] == block).nonzero().max()
+            written = answer[block * 8:(block + 1) * 8]
+            drawn = trajectory.tokens[row, last][:len(written)]
+            ends = (written == tokenizer.eos_token_id).nonzero()
+            keep = int(ends.min()) if len(ends) else len(written)  # after the end: EOS filling, not the draw
+            assert torch.equal(written[:keep], drawn[:keep])
+            assert trajectory.scored[row, last].sum() == 8 - len([i for i in task.pinned(examples[row // 2])
+                                                                  if block * 8 <= i < (block + 1) * 8])
+
+
+def test_argmax_answers_are_the_evaluations_and_only_earlier_draws_count(short_canvas):
+    """With `answer: argmax` the rollouts are what evaluation would answer with the same seeds (recording changes
+    nothing), and the estimate counts only draws accepted before a block's last step."""
+    model, tokenizer, task, examples = short_canvas
+    config = RLConfig(prompts_per_step=3, group_size=2, rollout_steps=3, answer="argmax")
+    rollouts = draw_rollouts(model, tokenizer, task, examples, config, seed=0, max_new_tokens=24)
+    plain = RLConfig(prompts_per_step=3, group_size=2, rollout_steps=3, estimator="corruption")
+    assert rollouts.texts == draw_rollouts(model, tokenizer, task, examples, plain, seed=0, max_new_tokens=24).texts
+    trajectory = rollouts.trajectory
+    for row in range(len(rollouts)):
+        for block in trajectory.block_index[row].unique():
+            steps = (trajectory.block_index[row] == block).nonzero().flatten()
+            assert not trajectory.scored[row, steps[-1]].any(), "the last step's argmax is no draw"
+    assert trajectory.scored.any(), "draws accepted at earlier steps are the policy's"
+    with pytest.raises(ValueError, match="rollout_steps >= 2"):
+        RLConfig(rollout_steps=1, answer="argmax")
+
+
+def test_trajectory_ratio_is_one_and_the_gradient_follows_the_advantage(short_canvas):
+    model, tokenizer, task, examples = short_canvas
+    config = RLConfig(prompts_per_step=3, group_size=2, rollout_steps=2, inner_steps=2, kl_coef=0.1)
+    rollouts = draw_rollouts(model, tokenizer, task, examples, config, seed=0, max_new_tokens=24)
+    policy = copy.deepcopy(model).train()
+    round_ = prepare_round(policy, rollouts, config, seed=0, round_index=0)
+    assert round_.estimates[1] is round_.estimates[0], "nothing is drawn per inner step"
+    new = rollouts.trajectory.log_probs(policy, rollouts.batch)
+    advantages = torch.zeros(len(rollouts))
+    advantages[0], advantages[1] = 1.0, -1.0
+    out = clipped_policy_loss(new, round_.old[0], advantages, rollouts.trajectory.scored, 0.2, round_.reference[0], 0.0)
+    assert float(out.ratio_mean) == 1.0
+    out.loss.backward()
+    scored = rollouts.trajectory.scored.float()
+
+    def mean_log_prob():
+        return (rollouts.trajectory.log_probs(policy, rollouts.batch) * scored).sum((1, 2)) / scored.sum((1, 2))
+
+    with torch.no_grad():
+        before = (round_.old[0] * scored).sum((1, 2)) / scored.sum((1, 2))
+        for parameter in policy.parameters():
+            if parameter.grad is not None:
+                parameter -= 0.05 * parameter.grad
+        after = mean_log_prob()
+    assert after[0] - before[0] > 1e-4 and after[1] - before[1] < -1e-4
+
+
 # ---------------------------------------------------------------------------------------- old, new, reference
 def test_ratio_is_one_on_the_first_inner_step_and_reference_shares_the_corruption(tiny):
-    config, rollouts = _rollouts(tiny, inner_steps=2, kl_coef=0.1, corruption_samples=2)
+    config, rollouts = _rollouts(tiny, inner_steps=2, kl_coef=0.1, corruption_samples=2, estimator="corruption")
     model = copy.deepcopy(tiny[0]).train()
     round_ = prepare_round(model, rollouts, config, seed=0, round_index=0)
-    assert len(round_.corruptions) == 2 and not torch.equal(round_.corruptions[0].noisy, round_.corruptions[1].noisy)
-    new = answer_log_probs(model, rollouts.batch, round_.corruptions[0])
-    out = clipped_policy_loss(new, round_.old[0], rollouts.advantages, round_.corruptions[0].scored, 0.2,
+    assert len(round_.estimates) == 2 and not torch.equal(round_.estimates[0].noisy, round_.estimates[1].noisy)
+    new = answer_log_probs(model, rollouts.batch, round_.estimates[0])
+    out = clipped_policy_loss(new, round_.old[0], rollouts.advantages, round_.estimates[0].scored, 0.2,
                               round_.reference[0], 0.1)
     assert torch.equal(new.detach(), round_.old[0]) and float(out.ratio_mean) == 1.0
     with torch.no_grad(), reference_off(model):  # the reference: the base, adapter off, same corruption
-        torch.testing.assert_close(answer_log_probs(model, rollouts.batch, round_.corruptions[0]),
+        torch.testing.assert_close(answer_log_probs(model, rollouts.batch, round_.estimates[0]),
                                    round_.reference[0], atol=1e-6, rtol=0)
     assert float(out.kl) > 0, "the adapter changes the function, so the KL to the base is positive"
 
@@ -193,7 +280,7 @@ def test_rollouts_are_judged_by_validate(tiny, monkeypatch):
     model, tokenizer, task, examples = tiny
     end = end_of_turn_id(tokenizer)
 
-    def answers(self, requests, pin=True, renoise=False, trace_index=None):
+    def answers(self, requests, pin=True, renoise=False, trace_index=None, **_):
         out = []
         for index, request in enumerate(requests):
             example = examples[index // 2]
@@ -202,7 +289,7 @@ def test_rollouts_are_judged_by_validate(tiny, monkeypatch):
         return out
 
     monkeypatch.setattr(rollouts_module.BlockDiffusionSampler, "generate", answers)
-    config = RLConfig(prompts_per_step=3, group_size=2, reward={"correct": 1.0, "valid": 0.5})
+    config = RLConfig(prompts_per_step=3, group_size=2, reward={"correct": 1.0, "valid": 0.5}, estimator="corruption")
     rollouts = draw_rollouts(model, tokenizer, task, examples, config, seed=0, max_new_tokens=CANVAS)
     assert rollouts.rewards.tolist() == [1.5, 0.5] * 3
     assert rollouts.correct.tolist() == [True, False] * 3 and rollouts.valid.all()

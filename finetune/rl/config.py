@@ -4,6 +4,8 @@ as for `dgemma-ft RECIPE.yaml`; the number of updates, the learning rate and its
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from dgemma_ft.strict_models import NumbersNotBooleans
@@ -44,9 +46,17 @@ class RLConfig(_Section):
     renoise: bool = False
     temperature: float = Field(1.0, gt=0, le=100, description="multiplies the sampler's temperature schedule "
                                                               "(t_min, t_max) during rollouts")
+    estimator: Literal["trajectory", "corruption"] = Field(
+        "trajectory", description="trajectory: the exact log-probability of the sampler's recorded draws (the "
+                                  "rollout's answer is its last draw); corruption: denoising log-probabilities of "
+                                  "the answer from corrupted copies (the answer is the sampler's argmax)")
+    answer: Literal["sampled", "argmax"] = Field(
+        "sampled", description="estimator trajectory: a rollout's answer is each block's last draw (every step is "
+                               "the policy's), or its argmax as in evaluation (only the draws accepted before the "
+                               "last step are the policy's; with rollout_steps 1 nothing would be learned)")
     clip_eps: float = Field(0.2, gt=0, lt=1)
     kl_coef: float = Field(0.0, ge=0)
-    corruption_samples: int = Field(1, gt=0, le=64, description="corrupted copies of each answer per update; at "
+    corruption_samples: int = Field(1, gt=0, le=64, description="estimator corruption: corrupted copies of each answer per update; at "
                                                                 "most 64")
     corruption_t: tuple[float, float] = Field((0.5, 1.0), description="noise levels of the corrupted copies: "
                                                                       "uniform in [low, high]")
@@ -69,6 +79,9 @@ class RLConfig(_Section):
     def _consistent(self) -> RLConfig:
         if self.warmup_steps >= self.steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be fewer than steps ({self.steps})")
+        if self.estimator == "trajectory" and self.answer == "argmax" and self.rollout_steps == 1:
+            raise ValueError("answer: argmax with rollout_steps: 1 leaves the policy no draw to learn from (a 1-step "
+                             "answer is the argmax of one pass); use answer: sampled, or rollout_steps >= 2")
         answers = self.answers_per_step
         if self.micro_batch is not None and answers % self.micro_batch:
             raise ValueError(f"micro_batch ({self.micro_batch}) must divide the answers per rollout batch "

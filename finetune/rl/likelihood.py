@@ -42,6 +42,9 @@ class Corruption:
         return Corruption(*(getattr(self, name)[rows] for name in
                             ("block_index", "block_valid", "clean", "noisy", "scored", "t")))
 
+    def log_probs(self, model, batch: BlockBatch) -> torch.Tensor:
+        return answer_log_probs(model, batch, self)
+
 
 def draw_corruption(batch: BlockBatch, canvas_length: int, vocab_size: int, copies: int,
                     levels: tuple[float, float], pinned: torch.Tensor | None = None,

@@ -12,6 +12,7 @@ import torch
 from dgemma_ft.finetune.data import BlockCollator, as_block_batch
 from dgemma_ft.finetune.objective import BlockBatch
 from dgemma_ft.finetune.rl.config import RewardWeights, RLConfig
+from dgemma_ft.finetune.rl.trajectory import Trajectory, stack_records
 from dgemma_ft.inference.constraints import special_token_ids
 from dgemma_ft.inference.evaluate import _safe_validate, make_requests
 from dgemma_ft.inference.sampling import BlockDiffusionSampler, SamplerConfig
@@ -29,6 +30,7 @@ class Rollouts:
     valid: torch.Tensor  # (N,) bool
     texts: list[str]
     group_size: int
+    trajectory: Trajectory | None = None  # with estimator trajectory: every rollout's recorded steps
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -91,6 +93,7 @@ def draw_rollouts(model, tokenizer, task, examples: list[dict], config: RLConfig
     """`config.group_size` answers to each example's prompt (each from its own sampler seed), with rewards and
     advantages. Answers depend only on the model, the examples and `seed`."""
     group = config.group_size
+    exact = config.estimator == "trajectory"
     per_prompt = make_requests(task, examples, tokenizer, seed)  # prompt ids, pins, violations: once per prompt
     requests = [replace(request, seed=request.seed * group + member)
                 for request in per_prompt for member in range(group)]
@@ -101,7 +104,8 @@ def draw_rollouts(model, tokenizer, task, examples: list[dict], config: RLConfig
         generations = []
         for begin in range(0, len(requests), batch_size):
             generations += sampler.generate(requests[begin:begin + batch_size], pin=config.pin,
-                                            renoise=config.renoise)
+                                            renoise=config.renoise, answer=config.answer if exact else "argmax",
+                                            record=exact)
     finally:
         model.train(was_training)
     texts = [tokenizer.decode(g.token_ids, skip_special_tokens=True) for g in generations]
@@ -115,4 +119,6 @@ def draw_rollouts(model, tokenizer, task, examples: list[dict], config: RLConfig
     return Rollouts(batch=batch, pinned=pinned_mask([r.pinned if config.pin else {} for r in requests], width),
                     rewards=rewards, advantages=group_advantages(rewards, group, config.scale_rewards),
                     correct=torch.tensor([bool(v.correct) for v in verdicts]),
-                    valid=torch.tensor([bool(v.valid) for v in verdicts]), texts=texts, group_size=group)
+                    valid=torch.tensor([bool(v.valid) for v in verdicts]), texts=texts, group_size=group,
+                    trajectory=stack_records([g.records for g in generations], sampler.base.config.text_config.hidden_size,
+                                             sampler.special_ids) if exact else None)

@@ -9,24 +9,22 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from dgemma_ft.errors import Interrupted, UserError
+from dgemma_ft.errors import UserError
 from dgemma_ft.finetune.atomic import atomic_write_text
 from dgemma_ft.finetune.recipe import Recipe, load_recipe
 from dgemma_ft.finetune.rl.config import RLConfig
 from dgemma_ft.finetune.rl.curve import plot_reward_curve
-from dgemma_ft.finetune.run import (_interrupted_message, build_task_data, is_main_process, plan_run, prepare_model,
-                                    save_final, save_from_checkpoint, training_device)
+from dgemma_ft.finetune.run import (build_task_data, is_main_process, parameter_counts, plan_run, prepare_model,
+                                    run_trainer, save_final, save_from_checkpoint, training_device)
 from dgemma_ft.finetune.model_loading import free_memory, preflight
 from dgemma_ft.finetune.run_folder import checkpoint_step, claim
 from dgemma_ft.inference.evaluate import answer_room
 from dgemma_ft.output_paths import require_writable_dir
-from dgemma_ft.quiet import shared_keys_not_missing
 
 
 def rl_settings(recipe: Recipe) -> RLConfig:
@@ -94,7 +92,6 @@ class PromptDraw:
 def _train(recipe: Recipe, run_dir: Path, checkpoint: Path | None, say) -> Path:
     # imported here: transformers' Trainer stack takes seconds to import, and `dgemma-ft check` imports the recipe
     # (which imports this package)
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from dgemma_ft.finetune.rl.rollouts import draw_rollouts
     from dgemma_ft.finetune.rl.trainer import BlockDiffusionGRPOTrainer, PassSchedule, RLProgress, one_item
@@ -113,9 +110,8 @@ def _train(recipe: Recipe, run_dir: Path, checkpoint: Path | None, say) -> Path:
     say(f"[bold]task[/] {recipe.task.name}: {len(data.train)} training prompts"
         + (f", {len(data.eval)} evaluation examples (kept out of training)" if data.eval is not None else ""))
     model, tokenizer, loaded = prepare_model(recipe)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    say(f"[bold]model[/] {loaded.source}: {total / 1e6:.2f} M parameters, {trainable / 1e6:.3f} M trainable "
+    trainable, total, counts = parameter_counts(model)
+    say(f"[bold]model[/] {loaded.source}: {counts} "
         f"(LoRA); {settings.prompts_per_step} prompts x {settings.group_size} answers per rollout batch at "
         f"{settings.rollout_steps} denoising steps")
     canvas = loaded.model.config.canvas_length
@@ -146,16 +142,7 @@ def _train(recipe: Recipe, run_dir: Path, checkpoint: Path | None, say) -> Path:
         model=model, args=args, train_dataset=PassSchedule(settings.steps, settings.micro_batches),
         data_collator=one_item, processing_class=tokenizer, settings=settings, draw_rollouts=rollouts_for,
         seed=recipe.train.seed, callbacks=callbacks)
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
-
-    started = time.perf_counter()
-    try:
-        with shared_keys_not_missing(model):
-            result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    except KeyboardInterrupt:
-        raise Interrupted(_interrupted_message(trainer, run_dir)) from None
-    seconds = time.perf_counter() - started
+    result, seconds = run_trainer(trainer, model, checkpoint, run_dir)
     save_final(model, tokenizer, recipe, run_dir, loaded.base_name)
     trainer.state.save_to_json(str(run_dir / "trainer_state.json"))
     curve = plot_reward_curve(run_dir / "logs" / "train_log.jsonl", run_dir / "reward_curve.png")

@@ -5,10 +5,11 @@ autoregressive log-probabilities; neither fits a block-diffusion policy. This su
 does well (the optimizer, schedule, gradient accumulation and clipping, checkpoints with their rotation, `--resume`
 with its RNG state, logging, TensorBoard), and adds, in `compute_loss` only:
 
-- every `inner_steps` updates, a rollout batch (`rollouts.draw_rollouts`), one corruption per inner step, and the
-  old policy's (and the reference's) log-probabilities under each, without gradients;
-- per forward/backward pass, one micro-batch of that rollout batch: the new policy's log-probabilities under the
-  same corruption, and the clipped objective (`loss.clipped_policy_loss`).
+- every `inner_steps` updates, a rollout batch (`rollouts.draw_rollouts`), and the old policy's (and the
+  reference's) log-probabilities of it without gradients: of its recorded draws (`trajectory`), or under one
+  corruption per inner step (`likelihood`);
+- per forward/backward pass, one micro-batch of that rollout batch: the new policy's log-probabilities of the
+  same thing, and the clipped objective (`loss.clipped_policy_loss`).
 
 The "dataset" is a schedule of pass descriptors (update, micro-batch): the Trainer draws them as it would draw
 batches, so its accumulation and resume skipping apply unchanged. Prompts, sampler seeds and corruptions are seeded
@@ -22,17 +23,16 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from transformers import Trainer
 
 from dgemma_ft.finetune.rl.config import RLConfig
-from dgemma_ft.finetune.rl.likelihood import Corruption, answer_log_probs, draw_corruption
+from dgemma_ft.finetune.rl.likelihood import Corruption, draw_corruption
 from dgemma_ft.finetune.rl.loss import clipped_policy_loss
 from dgemma_ft.finetune.rl.rollouts import Rollouts
-from dgemma_ft.finetune.run_folder import newest_complete_checkpoint
-from dgemma_ft.finetune.trainer import NonFiniteLossError, RichProgress
+from dgemma_ft.finetune.rl.trajectory import Trajectory
+from dgemma_ft.finetune.trainer import AveragedFigures, RichProgress, refuse_non_finite
 from dgemma_ft.plumbing import unwrap_model
 
 
@@ -57,11 +57,12 @@ def one_item(items: list[dict]) -> dict[str, torch.Tensor]:
 
 @dataclass
 class Round:
-    """A rollout batch and what every inner step reads: its corruption, the old and reference log-probs."""
+    """A rollout batch and what every inner step reads: what the estimate scores (the recorded trajectory, or
+    that step's corruption), the old and reference log-probs."""
 
     index: int
     rollouts: Rollouts
-    corruptions: list[Corruption]
+    estimates: list[Trajectory | Corruption]
     old: list[torch.Tensor]
     reference: list[torch.Tensor | None]
 
@@ -75,13 +76,14 @@ def reference_off(model):
     return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
 
 
-def log_probs_in_chunks(model, rollouts: Rollouts, corruption: Corruption, micro_batch: int) -> torch.Tensor:
-    """`answer_log_probs` over the whole rollout batch, a micro-batch at a time, without gradients (CPU tensor)."""
+def log_probs_in_chunks(model, rollouts: Rollouts, estimate: Trajectory | Corruption,
+                        micro_batch: int) -> torch.Tensor:
+    """The estimate's log-probs over the whole rollout batch, a micro-batch at a time, without gradients (CPU)."""
     pieces = []
     with torch.no_grad():
         for begin in range(0, len(rollouts), micro_batch):
             rows = slice(begin, begin + micro_batch)
-            pieces.append(answer_log_probs(model, rows_of(rollouts.batch, rows), corruption.rows(rows)).cpu())
+            pieces.append(estimate.rows(rows).log_probs(model, rows_of(rollouts.batch, rows)).cpu())
     return torch.cat(pieces)
 
 
@@ -91,32 +93,37 @@ def rows_of(batch, rows: slice):
 
 
 def prepare_round(model, rollouts: Rollouts, settings: RLConfig, seed: int, round_index: int) -> Round:
-    """Corruptions for every inner step and the old (and reference) log-probabilities under them."""
+    """What every inner step scores and the old (and reference) log-probabilities of it: the recorded trajectory
+    (the same for every inner step: computed once), or a fresh corruption per inner step."""
     base = unwrap_model(model)
     micro = settings.micro_batch or len(rollouts)
-    corruptions, old, reference = [], [], []
+    estimates, old, reference = [], [], []
     was_training = model.training
     model.eval()
     try:
         for inner in range(settings.inner_steps):
-            corruption = draw_corruption(rollouts.batch, base.config.canvas_length,
-                                         base.config.text_config.vocab_size, settings.corruption_samples,
-                                         settings.corruption_t, rollouts.pinned if settings.keep_pinned else None,
-                                         corruption_generator(seed, round_index, inner),
-                                         rollouts.group_size if settings.shared_noise else 1)
-            corruptions.append(corruption)
-            old.append(log_probs_in_chunks(model, rollouts, corruption, micro))
+            if rollouts.trajectory is not None and inner > 0:  # nothing is drawn: reuse the first inner step's
+                estimates.append(estimates[0])
+                old.append(old[0])
+                reference.append(reference[0])
+                continue
+            estimate = rollouts.trajectory if rollouts.trajectory is not None else draw_corruption(
+                rollouts.batch, base.config.canvas_length, base.config.text_config.vocab_size,
+                settings.corruption_samples, settings.corruption_t, rollouts.pinned if settings.keep_pinned else None,
+                corruption_generator(seed, round_index, inner), rollouts.group_size if settings.shared_noise else 1)
+            estimates.append(estimate)
+            old.append(log_probs_in_chunks(model, rollouts, estimate, micro))
             if settings.kl_coef > 0:
                 with reference_off(model):
-                    reference.append(log_probs_in_chunks(model, rollouts, corruption, micro))
+                    reference.append(log_probs_in_chunks(model, rollouts, estimate, micro))
             else:
                 reference.append(None)
     finally:
         model.train(was_training)
-    return Round(round_index, rollouts, corruptions, old, reference)
+    return Round(round_index, rollouts, estimates, old, reference)
 
 
-class BlockDiffusionGRPOTrainer(Trainer):
+class BlockDiffusionGRPOTrainer(AveragedFigures, Trainer):
     def __init__(self, *args, settings: RLConfig, draw_rollouts: Callable[[int], Rollouts], seed: int = 0,
                  **kwargs):
         super().__init__(*args, **kwargs)
@@ -124,7 +131,6 @@ class BlockDiffusionGRPOTrainer(Trainer):
         self.draw_rollouts = draw_rollouts  # round index -> Rollouts (from the current policy)
         self.seed = seed
         self.round: Round | None = None
-        self._figures: dict[str, list[float]] = {}
 
     def current_round(self, model, index: int) -> Round:
         """The rollout batch of round `index`, drawn when its first pass arrives (again after a resume)."""
@@ -133,7 +139,7 @@ class BlockDiffusionGRPOTrainer(Trainer):
             started = time.perf_counter()
             rollouts = self.draw_rollouts(index)
             self.round = prepare_round(model, rollouts, self.settings, self.seed, index)
-            self._note({**rollouts.figures(), "rollout_seconds": time.perf_counter() - started})
+            self.note({**rollouts.figures(), "rollout_seconds": time.perf_counter() - started})
         return self.round
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -142,40 +148,24 @@ class BlockDiffusionGRPOTrainer(Trainer):
         inner = step % self.settings.inner_steps
         micro = self.settings.micro_batch or len(current.rollouts)
         rows = slice(int(inputs["micro"]) * micro, (int(inputs["micro"]) + 1) * micro)
-        corruption = current.corruptions[inner].rows(rows)
-        new = answer_log_probs(model, rows_of(current.rollouts.batch, rows), corruption)
+        estimate = current.estimates[inner].rows(rows)
+        new = estimate.log_probs(model, rows_of(current.rollouts.batch, rows))
         reference = current.reference[inner]
         out = clipped_policy_loss(new, current.old[inner][rows], current.rollouts.advantages[rows],
-                                  corruption.scored, self.settings.clip_eps,
+                                  estimate.scored, self.settings.clip_eps,
                                   None if reference is None else reference[rows], self.settings.kl_coef)
-        if not torch.isfinite(out.loss):
-            last = newest_complete_checkpoint(Path(self.args.output_dir), move_aside=False)
-            raise NonFiniteLossError(
-                f"the loss became {float(out.loss.detach())} at step {self.state.global_step + 1}; training stopped "
-                f"before the update. The last good checkpoint is {last or 'none (none was written yet)'}. Lower "
-                f"rl.lr, or use model.dtype: float32")
+        refuse_non_finite(self, out.loss, "Lower rl.lr, or use model.dtype: float32")
         figures = {"ratio_mean": float(out.ratio_mean), "clip_fraction": float(out.clip_fraction)}
         if out.kl is not None:
             figures["kl"] = float(out.kl)
         if inner == 0:
             figures["ratio_first_inner"] = float(out.ratio_mean)
-        self._note(figures)
+        self.note(figures)
         return (out.loss, out) if return_outputs else out.loss
 
     def floating_point_ops(self, inputs) -> int:
         return 0  # the inputs are pass descriptors, not tokens; the Trainer's estimate would warn and guess 0
 
-    def _note(self, figures: dict[str, float]) -> None:
-        for name, value in figures.items():
-            self._figures.setdefault(name, []).append(value)
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs:
-            for name, values in self._figures.items():
-                if values:
-                    logs[name] = sum(values) / len(values)
-                    values.clear()
-        super().log(logs, start_time)
 
 
 class RLProgress(RichProgress):
