@@ -85,6 +85,15 @@ def encode_prefix(base, input_ids: torch.Tensor):
     return hidden, prefix
 
 
+def encode_shared_prefix(base, input_ids: torch.Tensor) -> PrefixKV:
+    """`encode_prefix`'s KV prefix, with the encoder run once per distinct row: RL scores a group of answers to one
+    prompt, whose prefixes (the prompt, for one-block answers) are the same. Gradients reach the shared pass."""
+    unique, inverse = torch.unique(input_ids, dim=0, return_inverse=True)
+    if unique.shape[0] == input_ids.shape[0]:
+        return encode_prefix(base, input_ids)[1]
+    return encode_prefix(base, unique)[1].select(inverse)
+
+
 def decode_canvases(base, canvas: torch.Tensor, starts: torch.Tensor, prefix: PrefixKV,
                     signal: torch.Tensor | None = None) -> torch.Tensor:
     """Decoder hidden states (B, K*C, H) for canvases (B, K*C) of blocks starting at `starts` (B, K), with the

@@ -292,16 +292,9 @@ class BlockDiffusionSampler:
             confident = entropy.mean(-1) < c.confidence_threshold
             done = stable & confident & ~flagged.any(-1)
             last = done | (step == 1)
-            for k, row in enumerate(live.tolist()):
-                records = results[int(active[row])].records
-                if records is not None:
-                    chosen = accept[k] & ~live_pins[k]
-                    if last[k]:  # the answer is this step's draw (every position), or its argmax (no draw)
-                        chosen = ~live_pins[k] if sampled_answer else torch.zeros_like(chosen)
-                    records.append(StepRecord(
-                        block=block, canvas=_kept(canvas[row]), signal=None if signal is None else _kept(signal[row]),
-                        temperature=self._temperature(step), no_end=_kept(no_end[row]), tokens=_kept(sampled[k]),
-                        log_probs=_kept(scored.log_prob[k]), chosen=_kept(chosen)))
+            if results[int(active[0])].records is not None:
+                self._record(results, active, live, block, step, canvas, signal, no_end, scored, accept & ~live_pins,
+                             last, ~live_pins if sampled_answer else torch.zeros_like(accept))
             canvas[live] = new_canvas
             argmax[live] = torch.where(last[:, None], sampled, new_argmax) if sampled_answer else new_argmax
             if signal is None:
@@ -319,6 +312,18 @@ class BlockDiffusionSampler:
                                          "accepted": accept[k].tolist(), "renoised": flagged[k].tolist(),
                                          "pinned": live_pins[k].tolist()})
         return argmax
+
+    def _record(self, results, active, live, block, step, canvas, signal, no_end, scored, kept, last, final_kept):
+        """Append each live row's `StepRecord` (one device-to-CPU copy per tensor, then sliced): its inputs,
+        draws, and the draws that shaped the answer (`final_kept` on a block's last step, else `kept`)."""
+        chosen = torch.where(last[:, None], final_kept, kept).cpu()
+        inputs = _kept(canvas[live]), None if signal is None else _kept(signal[live]), _kept(no_end[live])
+        tokens, log_probs = _kept(scored.sampled), _kept(scored.log_prob)
+        for k, row in enumerate(live.tolist()):
+            results[int(active[row])].records.append(StepRecord(
+                block=block, canvas=inputs[0][k], signal=None if inputs[1] is None else inputs[1][k],
+                temperature=self._temperature(step), no_end=inputs[2][k], tokens=tokens[k], log_probs=log_probs[k],
+                chosen=chosen[k]))
 
     def _noise_draw(self, size: int):
         """A draw of `size` uniformly random vocabulary tokens (the canvas's noise) from a CPU generator."""

@@ -25,7 +25,8 @@ def plot_reward_curve(log_path: Path, out: Path, title: str = "Rollout reward") 
         axis.plot(steps, smooth, label=f"solve rate, mean of {window}", linewidth=2)
     axis.set_xlabel("update")
     axis.set_ylabel("reward / solve rate")
-    axis.set_ylim(0, 1.02)
+    rewards = [r["reward_mean"] for r in records]
+    axis.set_ylim(min(0.0, min(rewards) * 1.05), max(1.02, max(rewards) * 1.05))  # weights can sum past 1
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     axis.set_title(title)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from dgemma_ft.finetune.objective import BlockBatch, corrupt, decode_canvases, encode_prefix
+from dgemma_ft.finetune.objective import BlockBatch, corrupt, decode_canvases, encode_shared_prefix
 from dgemma_ft.plumbing import chunk_rows, softcapped_logits, unwrap_model
 
 
@@ -93,7 +93,7 @@ def answer_log_probs(model, batch: BlockBatch, corruption: Corruption) -> torch.
     block_index = corruption.block_index.to(device)
     starts = batch.prompt_lengths.to(device)[:, None] + block_index * canvas_length
     needed = int(starts[corruption.block_valid.to(device)].max())  # the encoder reads up to the last block start
-    _, prefix = encode_prefix(base, input_ids[:, :max(needed, 1)])
+    prefix = encode_shared_prefix(base, input_ids[:, :max(needed, 1)])
     hidden = decode_canvases(base, corruption.noisy.to(device).flatten(1), starts, prefix)
     return token_log_probs(base, hidden, corruption.clean.to(device).flatten(1)).view(corruption.clean.shape)
 

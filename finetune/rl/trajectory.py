@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from dgemma_ft.finetune.objective import BlockBatch, decode_canvases, encode_prefix
+from dgemma_ft.finetune.objective import BlockBatch, decode_canvases, encode_shared_prefix
 from dgemma_ft.inference.sampling import StepRecord
 from dgemma_ft.plumbing import chunk_rows, softcapped_logits, unwrap_model
 
@@ -92,7 +92,7 @@ def trajectory_log_probs(model, batch: BlockBatch, trajectory: Trajectory) -> to
     input_ids = batch.input_ids.to(device)
     block_index = trajectory.block_index.to(device)
     starts = batch.prompt_lengths.to(device)[:, None] + block_index * canvas_length
-    _, prefix = encode_prefix(base, input_ids[:, :max(int(starts.max()), 1)])
+    prefix = encode_shared_prefix(base, input_ids[:, :max(int(starts.max()), 1)])
     signal = None if trajectory.signal is None else trajectory.signal.to(device, dtype).flatten(1, 2)
     hidden = decode_canvases(base, trajectory.canvas.to(device).flatten(1), starts, prefix, signal)
     temperature = trajectory.temperature.to(device)[..., None].expand(trajectory.canvas.shape)
