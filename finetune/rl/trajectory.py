@@ -59,10 +59,11 @@ def stack_records(records: list[list[StepRecord]], hidden_size: int, special_ids
     steps = max(1, max(len(r) for r in records))
     canvas_length = next((len(s.canvas) for r in records for s in r), 1)
     rows = len(records)
-    signals = any(s.signal is not None for r in records for s in r)
+    signal = next((s.signal for r in records for s in r if s.signal is not None), None)
     out = Trajectory(block_index=torch.zeros(rows, steps, dtype=torch.long),
                      canvas=torch.zeros(rows, steps, canvas_length, dtype=torch.long),
-                     signal=torch.zeros(rows, steps, canvas_length, hidden_size) if signals else None,
+                     signal=None if signal is None else torch.zeros(rows, steps, canvas_length, hidden_size,
+                                                                   dtype=signal.dtype),  # the model's dtype
                      temperature=torch.ones(rows, steps),
                      no_end=torch.zeros(rows, steps, canvas_length, dtype=torch.bool),
                      tokens=torch.zeros(rows, steps, canvas_length, dtype=torch.long),
@@ -73,7 +74,7 @@ def stack_records(records: list[list[StepRecord]], hidden_size: int, special_ids
             out.block_index[row, k] = step.block
             out.canvas[row, k] = step.canvas
             if step.signal is not None:
-                out.signal[row, k] = step.signal.float()
+                out.signal[row, k] = step.signal
             out.temperature[row, k] = step.temperature
             out.no_end[row, k] = step.no_end
             out.tokens[row, k] = step.tokens
