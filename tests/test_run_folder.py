@@ -69,7 +69,7 @@ def test_ctrl_c_exits_130_and_a_run_without_checkpoint_starts_again(tmp_path):
         assert time.time() < deadline, "training did not start within 120 s"
         time.sleep(0.05)
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
+    _, stderr = process.communicate(timeout=180)  # a hang guard, generous for a loaded machine
     assert process.returncode == 130
     assert "no checkpoint was written yet" in stderr and "Traceback" not in stderr
     assert "gemm_4bit_forward" not in stderr, "bitsandbytes' optional-kernel notice is noise here"
