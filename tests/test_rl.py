@@ -302,6 +302,21 @@ def test_rollouts_are_judged_by_validate(tiny, monkeypatch):
     assert rollouts.figures()["solve_rate"] == 0.5 and rollouts.figures()["flat_groups"] == 0.0
 
 
+def test_reward_curve_shows_rewards_above_one(tmp_path, monkeypatch):
+    """Weights can sum past 1 (correct + score): the axis grows to hold the mean reward."""
+    from dgemma_ft.finetune.rl import curve
+
+    log = tmp_path / "train_log.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 0.0, "reward_mean": 1.2 + s / 100, "solve_rate": 0.5})
+                           + "\n" for s in range(1, 13)))
+    limits = []
+    monkeypatch.setattr(curve, "write_png", lambda out, figure: limits.append(figure.axes[0].get_ylim()))
+    assert curve.plot_reward_curve(log, tmp_path / "curve.png") == tmp_path / "curve.png"
+    assert limits[0][0] == 0 and limits[0][1] >= 1.32
+    log.write_text(json.dumps({"step": 1, "loss": 0.0}) + "\n")
+    assert curve.plot_reward_curve(log, tmp_path / "none.png") is None, "no rollout figures yet: no curve"
+
+
 # ---------------------------------------------------------------------------------------------- recipe, driver
 def test_rl_section_errors_name_the_key(tmp_path):
     recipe = ROOT / "recipes" / "sudoku-4x4-rl-tiny.yaml"

@@ -326,6 +326,18 @@ def test_pinned_and_violations(task, public):
     assert task.violations(example, "\n" * 19) == sorted(task.grid.offsets)
 
 
+def test_pin_layout_pins_the_line_breaks_too(task):
+    six = get_task("sudoku", {"box_rows": 2, "box_cols": 3, "pin_layout": True})
+    example = dict(six.build_dataset("train", {"source": "generate", "size": 1, "seed": 0})[0])
+    target, pinned = six.target(example), six.pinned(example)
+    breaks = sorted(offset for offset, char in pinned.items() if char == "\n")
+    assert breaks == [offset for offset, char in enumerate(target) if char == "\n"] == [6, 13, 20, 27, 34]
+    assert all(target[offset] == char for offset, char in pinned.items())
+    assert len(pinned) == 5 + sum(c != "0" for c in example["puzzle"])
+    plain = get_task("sudoku", {"box_rows": 2, "box_cols": 3})
+    assert "\n" not in plain.pinned(example).values(), "off by default: the givens only"
+
+
 # ------------------------------------------------------------------------------------------------ fuzzing
 def _near_misses(target: str):
     digits = st.text(alphabet="0123456789", max_size=40)

@@ -23,6 +23,8 @@ class SudokuOptions(TaskOptions):
     max_blanks: int = Field(12, ge=1, description="most blank cells in a generated puzzle")
     prompt_style: Literal["instruction", "grid"] = Field(
         "instruction", description="'instruction': one line naming the grid, then the rows; 'grid': the rows only")
+    pin_layout: bool = Field(False, description="also pin the line breaks between the answer's rows (its layout "
+                                                "is known in advance, like the givens)")
 
     @field_validator("box_cols")
     @classmethod

@@ -69,7 +69,10 @@ class SudokuTask(Task):
 
     def pinned(self, example: dict[str, Any]) -> dict[int, str]:
         grid = self._grid_of(example)
-        return {grid.offsets[i]: c for i, c in enumerate(example["puzzle"]) if c != "0"}
+        pins = {grid.offsets[i]: c for i, c in enumerate(example["puzzle"]) if c != "0"}
+        if self.options.pin_layout:  # the answer is `grid.layout`: n rows of n digits joined by line breaks
+            pins.update({row * (grid.n + 1) + grid.n: "\n" for row in range(grid.n - 1)})
+        return pins
 
     def violations(self, example: dict[str, Any], partial_text: str) -> list[int]:
         """Offsets of the draft's cells that change a given, are not a digit 1..n, or repeat a digit in a row,
