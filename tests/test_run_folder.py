@@ -64,12 +64,17 @@ def test_ctrl_c_exits_130_and_a_run_without_checkpoint_starts_again(tmp_path):
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
     log = run_dir / "logs" / "train_log.jsonl"
     deadline = time.time() + 120
-    while not (log.exists() and log.read_text().strip()):
-        assert process.poll() is None, process.communicate()[1]
-        assert time.time() < deadline, "training did not start within 120 s"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=180)  # a hang guard, generous for a loaded machine
+    try:
+        while not (log.exists() and log.read_text().strip()):
+            assert process.poll() is None, process.communicate()[1]
+            assert time.time() < deadline, "training did not start within 120 s"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=180)  # a hang guard, generous for a loaded machine
+    finally:  # a failed wait must not leave a 100,000-step run behind (one kept a core busy for 24 minutes)
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
     assert process.returncode == 130
     assert "no checkpoint was written yet" in stderr and "Traceback" not in stderr
     assert "gemm_4bit_forward" not in stderr, "bitsandbytes' optional-kernel notice is noise here"
