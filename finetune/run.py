@@ -235,15 +235,20 @@ def save_from_checkpoint(recipe: Recipe, run_dir: Path, checkpoint: Path, say) -
 
 def run_trainer(trainer, model, checkpoint: Path | None, run_dir: Path):
     """`trainer.train()` (from `checkpoint` when resuming) with our progress bar in place of the Trainer's printer
-    and tqdm bar; Ctrl-C becomes one line naming the checkpoint kept. Returns (the Trainer's result, seconds)."""
+    and tqdm bar; Ctrl-C (even one a finalizer swallowed: `CtrlC`) becomes one line naming the checkpoint kept.
+    Returns (the Trainer's result, seconds)."""
     # imported here: the Trainer stack takes seconds to import, and `dgemma-ft check` imports this module
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+    from dgemma_ft.finetune.trainer import CtrlC
+
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
+    ctrl_c = CtrlC()
+    trainer.add_callback(ctrl_c)
     started = time.perf_counter()
     try:
-        with shared_keys_not_missing(model):
+        with shared_keys_not_missing(model), ctrl_c.armed():
             result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except KeyboardInterrupt:
         raise Interrupted(_interrupted_message(trainer, run_dir)) from None

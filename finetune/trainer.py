@@ -9,9 +9,12 @@ Checkpoints need no staging folder: the Trainer writes checkpoint-N in place wit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -45,6 +48,35 @@ def refuse_non_finite(trainer: Trainer, loss: torch.Tensor, fix: str) -> None:
     raise NonFiniteLossError(
         f"the loss became {float(loss.detach())} at step {trainer.state.global_step + 1}; training stopped before "
         f"the update. The last good checkpoint is {last or 'none (none was written yet)'}. {fix}")
+
+
+class CtrlC(TrainerCallback):
+    """Ctrl-C that always stops training. Python raises KeyboardInterrupt wherever the main thread is; raised inside a
+    finalizer (a `__del__`, a weakref callback) it is printed and dropped, and training would go on. While `armed`,
+    SIGINT both raises (as usual) and records the press, and the next step end raises again if training is still
+    running."""
+
+    def __init__(self):
+        self.pressed = False
+
+    def _on_sigint(self, signum, frame):
+        self.pressed = True
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def armed(self):
+        if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+            yield
+            return
+        previous = signal.signal(signal.SIGINT, self._on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.pressed:
+            raise KeyboardInterrupt
 
 
 class AveragedFigures:

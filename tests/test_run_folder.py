@@ -88,6 +88,31 @@ def test_ctrl_c_exits_130_and_a_run_without_checkpoint_starts_again(tmp_path):
     assert steps == [1, 2], "the stopped run's log lines must not stay"
 
 
+def test_a_ctrl_c_swallowed_by_a_finalizer_still_stops_at_the_next_step(tmp_path, monkeypatch):
+    """Python drops a KeyboardInterrupt raised inside a finalizer; the press is still recorded, and training stops
+    at the next step end with the usual one-line message."""
+    from dgemma_ft.errors import Interrupted
+    from dgemma_ft.finetune.trainer import BlockDiffusionTrainer
+
+    original = BlockDiffusionTrainer.compute_loss
+    calls = []
+
+    def compute_loss(self, *args, **kwargs):
+        calls.append(self.state.global_step)
+        if len(calls) == 2:  # SIGINT delivered while a finalizer runs: the handler fires, its exception is lost
+            try:
+                signal.raise_signal(signal.SIGINT)
+            except KeyboardInterrupt:
+                pass
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(BlockDiffusionTrainer, "compute_loss", compute_loss)
+    with pytest.raises(Interrupted, match="interrupted at step 2"):
+        train(recipe(tmp_path / "run", 50, 100))
+    assert calls == [0, 1], "the step that saw the press ends, and no other starts"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "the handler is put back"
+
+
 def test_interrupted_run_starts_again_without_resume(tmp_path, capsys):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
