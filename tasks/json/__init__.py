@@ -2,7 +2,8 @@
 in), write one JSON instance that validates.
 
 Data: small synthetic schemas drawn from a built-in vocabulary (person, order, device, event, book) with a
-matching reference instance and a facts text that states every value (`generate`, `vocabulary`); or rows read
+matching reference instance and a facts text that states every value (`generate`, `vocabulary`; option
+`vocabulary: train | heldout` shows invented names and values from two disjoint halves, `lexicon`); or rows read
 from files and Hub datasets with a schema and optionally a reference (`rows`: the shipped json-mode-eval copy;
 JSONSchemaBench-style collections of schemas only).
 

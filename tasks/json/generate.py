@@ -1,6 +1,7 @@
 """Generated examples: a schema drawn from the vocabulary (nested objects, arrays of scalars and of objects,
 enums, bounds, formats, required and optional properties), a reference instance that validates, and facts text
-stating every value in it. Same seed, same examples."""
+stating every value in it; names and string values come from the builtin vocabulary or an invented half
+(`lexicon`, option `vocabulary`). Same seed, same examples."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from typing import Any
 
 from dgemma_ft.errors import UserError
 from dgemma_ft.tasks.json.json_text import dumps_compact
+from dgemma_ft.tasks.json.lexicon import BuiltinLexicon, lexicon
 from dgemma_ft.tasks.json.options import JsonSchemaOptions
-from dgemma_ft.tasks.json.vocabulary import DOMAINS, ENTITIES, FIRST, LAST, NEEDS_DEPTH, PROPERTIES
+from dgemma_ft.tasks.json.vocabulary import ENTITIES, NEEDS_DEPTH, PROPERTIES
 
 GENERATE_TRIES = 30  # draws for one example before the prompt budget is declared out of reach
 
@@ -29,6 +31,7 @@ def draw_example(options: JsonSchemaOptions, rng: random.Random, prompt: Callabl
     generator = _Generator(options, rng)
     budget = options.max_prompt_chars
     for _ in range(GENERATE_TRIES):
+        generator.lex = lexicon(options.vocabulary, rng)
         entity = rng.choice(sorted(ENTITIES))
         names = _within_depth(ENTITIES[entity], options.max_depth)
         count = rng.randint(options.min_properties, options.max_properties)
@@ -66,15 +69,16 @@ def _fact_value(value: Any) -> str:
 class _Generator:
     def __init__(self, options: JsonSchemaOptions, rng: random.Random):
         self.options, self.rng = options, rng
+        self.lex: BuiltinLexicon = lexicon(options.vocabulary, rng)
 
     def scalar(self, kind: tuple) -> tuple[dict, Any]:
-        rng, tag = self.rng, kind[0]
+        rng, lex, tag = self.rng, self.lex, kind[0]
         if tag == "person":
-            return {"type": "string"}, f"{rng.choice(FIRST)} {rng.choice(LAST)}"
+            return {"type": "string"}, lex.person()
         if tag == "pick":
-            return {"type": "string"}, rng.choice(kind[1])
+            return {"type": "string"}, lex.pick(kind[1])
         if tag == "code":
-            return {"type": "string"}, f"{kind[1]}{rng.randint(100, 9999)}"
+            return {"type": "string"}, f"{lex.prefix(kind[1])}{rng.randint(100, 9999)}"
         if tag in ("int", "num"):
             schema = {"type": "integer" if tag == "int" else "number"}
             if rng.random() < 0.5:
@@ -85,14 +89,13 @@ class _Generator:
         if tag == "bool":
             return {"type": "boolean"}, rng.random() < 0.5
         if tag == "enum":
-            return {"enum": list(kind[1])}, rng.choice(kind[1])
+            options = lex.options(kind[1])
+            return {"enum": options}, rng.choice(options)
         if tag == "date":
             day = date(1990, 1, 1) + timedelta(days=rng.randint(0, 35 * 365))
             return self._string("date"), day.isoformat()
         if tag == "email":
-            first, last = rng.choice(FIRST).lower(), rng.choice(LAST).lower()
-            user = f"{first}.{last}" if rng.random() < 0.5 else f"{first}{rng.randint(1, 99)}"
-            return self._string("email"), f"{user}@{rng.choice(DOMAINS)}"
+            return self._string("email"), lex.email()
         raise AssertionError(kind)
 
     def _string(self, format_name: str) -> dict:
@@ -116,8 +119,8 @@ class _Generator:
         return schema, value, facts
 
     def prop(self, name: str, depth: int, path: str) -> _Draw:
-        rng, kind = self.rng, PROPERTIES[name]
-        label = f"{path}{name}"
+        rng, kind, shown = self.rng, PROPERTIES[name], self.lex.name(name)
+        label = f"{path}{shown}"
         tag = kind[0]
         if tag == "list":
             schema, value, facts = self.scalar_list(kind[1], label)
@@ -129,7 +132,7 @@ class _Generator:
             schema, value = self.scalar(kind)
             facts = [f"{label} is {_fact_value(value)}"]
         required = rng.random() < 0.6
-        return _Draw(name, schema, value, required, required or rng.random() < 0.5, facts)
+        return _Draw(shown, schema, value, required, required or rng.random() < 0.5, facts)
 
     def scalar_list(self, item_kind: tuple, label: str) -> tuple[dict, list, list[str]]:
         """An array of distinct scalars (0-3 of them; `minItems: 1` now and then)."""
@@ -156,7 +159,7 @@ class _Generator:
         rng = self.rng
         usable = _within_depth(names, depth - 2)
         chosen = rng.sample(usable, rng.randint(1, min(3, len(usable))))
-        required = {n for n in chosen if rng.random() < 0.6}
+        required = {self.lex.name(n) for n in chosen if rng.random() < 0.6}
         value, facts, item_schema = [], [], None
         for index in range(rng.randint(1, 2)):
             draws = [self.prop(n, depth - 2, f"{label}[{index}].") for n in chosen]

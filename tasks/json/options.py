@@ -3,6 +3,8 @@ them, and whether judging also compares with a row's reference."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 
 from dgemma_ft.tasks.base import TaskOptions, check_order
@@ -24,6 +26,10 @@ class JsonSchemaOptions(TaskOptions):
     match_reference: bool = Field(True, description="`correct` also needs the answer to equal the reference when "
                                                     "a row has one; turn off for sets whose prompts do not state "
                                                     "the values")
+    vocabulary: Literal["builtin", "train", "heldout"] = Field(
+        "builtin", description="property names and string values of generated schemas: the builtin vocabulary, "
+                               "or invented words from one of two disjoint halves (train / heldout) for "
+                               "evaluating on names and values never seen in training")
 
     @field_validator("max_properties")
     @classmethod

@@ -1,5 +1,6 @@
-"""The generator's vocabulary: value pools, the properties generated schemas draw from (each with the kind of
-value it holds), and the entities (person, order, device, event, book) that group them."""
+"""The generator's builtin vocabulary: value pools, the properties generated schemas draw from (each with the kind of
+value it holds), and the entities (person, order, device, event, book) that group them. The `train` and
+`heldout` vocabularies keep these kinds and entities but show invented names and values (`lexicon`)."""
 
 from __future__ import annotations
 
@@ -16,12 +17,14 @@ TITLES = ["Blue River", "Night Train", "Small Gods", "Cold Stars", "The Long Roa
           "Quiet Fire", "Open Sky", "Red Harbor"]
 MODELS = ["X100", "Pixel 7", "Note 9", "T480", "Echo 2", "Zen 5", "Nova", "Orbit S"]
 DOMAINS = ["mail.com", "web.io", "inbox.org", "post.net"]
+POOLS: dict[str, list[str]] = {"cities": CITIES, "countries": COUNTRIES, "streets": STREETS, "words": WORDS,
+                               "skills": SKILLS, "titles": TITLES, "models": MODELS}
 
-# kind: ("person",) ("pick", pool) ("code", prefix) ("int", lo, hi) ("num", lo, hi, decimals) ("bool",)
+# kind: ("person",) ("pick", pool name) ("code", prefix) ("int", lo, hi) ("num", lo, hi, decimals) ("bool",)
 #       ("enum", options) ("date",) ("email",) ("list", item kind) ("obj", [properties]) ("objlist", [properties])
 PROPERTIES: dict[str, tuple] = {
-    "name": ("person",), "city": ("pick", CITIES), "country": ("pick", COUNTRIES), "street": ("pick", STREETS),
-    "title": ("pick", TITLES), "model": ("pick", MODELS), "serial": ("code", "SN"), "sku": ("code", "A"),
+    "name": ("person",), "city": ("pick", "cities"), "country": ("pick", "countries"), "street": ("pick", "streets"),
+    "title": ("pick", "titles"), "model": ("pick", "models"), "serial": ("code", "SN"), "sku": ("code", "A"),
     "id": ("code", "ID"),
     "age": ("int", 18, 90), "qty": ("int", 1, 20), "pages": ("int", 40, 900), "year": ("int", 1950, 2024),
     "battery": ("int", 0, 100), "seats": ("int", 10, 500), "floor": ("int", 0, 30), "score": ("int", 0, 100),
@@ -33,7 +36,7 @@ PROPERTIES: dict[str, tuple] = {
     "role": ("enum", ["admin", "user", "guest"]), "kind": ("enum", ["talk", "meetup", "workshop", "concert"]),
     "email": ("email",), "birth_date": ("date",), "order_date": ("date",), "start_date": ("date",),
     "last_seen": ("date",), "published": ("date",),
-    "tags": ("list", ("pick", WORDS)), "skills": ("list", ("pick", SKILLS)), "scores": ("list", ("int", 0, 100)),
+    "tags": ("list", ("pick", "words")), "skills": ("list", ("pick", "skills")), "scores": ("list", ("int", 0, 100)),
     "authors": ("list", ("person",)),
     "address": ("obj", ["street", "city", "country"]), "location": ("obj", ["lat", "lon", "city"]),
     "customer": ("obj", ["name", "email", "address"]), "owner": ("obj", ["name", "email", "role"]),
