@@ -248,8 +248,10 @@ def evaluate(target: Target, *, adapter: str | os.PathLike | None = None, base: 
 
     The recipe's own evaluation writes TARGET/eval; `adapter`, `data`, a smaller `limit`, or `steps`, `pin`,
     `renoise`, `seed` unlike the recipe's, or `compare` (every pin x renoise pair) make a partial one, written
-    to TARGET/evals/NAME unless `out` says where. `base` adds the base model's rows; `batch_size` (or "auto")
-    and `device` change no answer. `quiet` hides progress and the results table."""
+    to TARGET/evals/NAME unless `out` says where. `base` adds the base model's rows (the recipe's eval.base adds
+    them to its full evaluation); the full evaluation also measures the recipe's eval.also sets, each written to
+    TARGET/evals/NAME and summed up in the report's `also` list. `batch_size` (or "auto") and `device` change
+    no answer. `quiet` hides progress and the results table."""
     return run_eval.run_evaluation(
         _target(target), adapter=_path_text(adapter), include_base=base, data=_path_text(data), limit=limit,
         steps=[steps] if isinstance(steps, int) else steps, pin=pin, renoise=renoise, batch_size=batch_size,

@@ -36,7 +36,8 @@ def check_loaded(recipe, name: str, run: Path | None = None) -> list[str]:
     data = build_task_data(recipe, train_size=min(SAMPLE, recipe.task.train.size or SAMPLE))
     lines.append(f"task {recipe.task.name}: options valid; train source '{recipe.task.train.source}' readable"
                  + (f"; eval source '{recipe.task.eval.source}' gives {len(data.eval)} examples"
-                    if data.eval is not None else ""))
+                    if data.eval is not None else "")
+                 + "".join(f"; eval.also '{name}' gives {len(rows)} examples" for name, rows in data.also.items()))
     if canvas is None:
         lines.append(model_line)
         return lines

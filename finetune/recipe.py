@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,8 +17,9 @@ from pydantic_core import PydanticCustomError
 from dgemma_ft.errors import UserError
 from dgemma_ft.finetune.rl.config import RLConfig
 from dgemma_ft.finetune.tiny import TinySpec
-from dgemma_ft.strict_models import NumbersNotBooleans, check_numbers, clean_message, describe_input
-from dgemma_ft.tasks import SourceSpec, task_class
+from dgemma_ft.strict_models import (NumbersNotBooleans, check_numbers, clean_message, describe_input,
+                                     first_pydantic_error)
+from dgemma_ft.tasks import SourceSpec, TaskOptions, task_class
 
 TEXT_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MAX_RECIPE_BYTES = 2**20  # a recipe is a few KB of YAML; a larger file is not one (and is not read whole)
@@ -173,6 +175,34 @@ MAX_DENOISING_STEPS = 10_000  # per block; a block is at most a few thousand tok
 MAX_EVAL_BATCH = 65536
 
 
+EXTRA_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+MAX_EXTRA_NAME = 80
+
+
+class ExtraEval(SourceSpec):
+    """One of `eval.also`: another data set the recipe's evaluation measures too (e.g. the skill a fine-tune must
+    keep), with its own task options. Its source keys are those of `task.eval`; it is written to RUN/evals/NAME."""
+
+    name: str = Field(description="names the set and its report folder RUN/evals/NAME: letters, digits, '.', "
+                                  "'_', '-'")
+    options: dict[str, Any] = Field(default_factory=dict, description="task options for this set, over "
+                                                                      "task.options")
+    limit: int | None = Field(None, gt=0, le=10_000_000, description="evaluate the first N examples (default: "
+                                                                     "eval.limit); at most 10,000,000")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not EXTRA_NAME.match(value) or value in (".", "..") or len(value) > MAX_EXTRA_NAME:
+            raise ValueError(f"use up to {MAX_EXTRA_NAME} letters, digits, '.', '_' and '-' (it names the folder "
+                             f"RUN/evals/NAME), e.g. 'four'")
+        return value
+
+    def source_spec(self) -> SourceSpec:
+        """The set's data source alone (source, size, seed, strict, columns), as `task.eval` would hold it."""
+        return SourceSpec(**self.model_dump(include=set(SourceSpec.model_fields)))
+
+
 class EvalSection(_Section):
     limit: int | None = Field(None, gt=0, le=10_000_000, description="evaluate the first N examples; at most "
                                                                      "10,000,000")
@@ -185,6 +215,23 @@ class EvalSection(_Section):
     max_new_tokens: int | None = Field(None, gt=0, le=1_000_000, description="at most 1,000,000 tokens")
     seed: int = Field(0, ge=-SEED_MAX, le=SEED_MAX, description="-4,294,967,295 to 4,294,967,295")
     after_train: bool = True
+    base: bool = Field(False, description="the recipe's evaluation also measures the model it started from (LoRA: "
+                                          "the adapter off), as `eval --base` does")
+    also: list[ExtraEval] = Field(default_factory=list, description="more data sets the recipe's evaluation "
+                                                                    "measures, each written to RUN/evals/NAME")
+
+    @field_validator("also")
+    @classmethod
+    def _unique_names(cls, value: list[ExtraEval]) -> list[ExtraEval]:
+        seen: dict[str, int] = {}
+        for index, entry in enumerate(value):
+            if entry.name in seen:
+                raise PydanticCustomError(
+                    "duplicate_name", "'{name}' is also the name of eval.also[{first}]; give each extra evaluation "
+                    "its own name (it names its report folder)",
+                    {"name": entry.name, "first": seen[entry.name], "path": [index, "name"]})
+            seen[entry.name] = index
+        return value
 
     @field_validator("steps")
     @classmethod
@@ -373,35 +420,91 @@ def _is_saved_copy(path: Path) -> bool:
 
 
 def _check_columns(recipe: Recipe, path: Path, text: str) -> None:
-    """A `columns:` key naming no field the task reads would be ignored: refuse it here, with its line."""
+    """A `columns:` key naming no field the task reads would be ignored: refuse it here, with its line. So are
+    `eval.also` entries whose options (over task.options) the task refuses."""
     cls = task_class(recipe.task.name)
     if cls is None:  # an unknown task fails when it is built, with the list of known ones
         return
-    for split in ("train", "eval"):
-        spec = getattr(recipe.task, split)
+    specs = [(["task", split], getattr(recipe.task, split)) for split in ("train", "eval")]
+    specs += [(["eval", "also", index], entry) for index, entry in enumerate(recipe.eval.also)]
+    for where_in_recipe, spec in specs:
         unknown = cls.unknown_column(spec.columns) if spec is not None else None
         if unknown is not None:
-            location = ["task", split, "columns", unknown[0]]
-            line = _line_of(text, location)
-            where = f"{path}:{line}" if line else str(path)
-            raise UserError(f"{where}: {'.'.join(location)}: {unknown[1]}")
+            location = [*where_in_recipe, "columns", unknown[0]]
+            raise UserError(f"{_where(path, text, location)}: {dotted(location)}: {unknown[1]}")
+    for index in range(len(recipe.eval.also)):
+        problem = extra_options_problem(recipe, index)
+        if problem is not None:
+            location, message = problem
+            raise UserError(f"{_where(path, text, location)}: {message}")
+
+
+def extra_options(recipe: Recipe, index: int) -> TaskOptions | dict[str, Any]:
+    """The task options of `eval.also[index]`: its `options` over task.options, validated by the task (a dict
+    when the task is unknown, which fails by name when it is built). Raises `UserError` naming the entry's key."""
+    problem = extra_options_problem(recipe, index)
+    if problem is not None:
+        raise UserError(problem[1])
+    merged = {**recipe.task.options, **recipe.eval.also[index].options}
+    cls = task_class(recipe.task.name)
+    return merged if cls is None else cls.Options.model_validate(merged)
+
+
+def extra_options_problem(recipe: Recipe, index: int) -> tuple[list, str] | None:
+    """(location in the recipe, one-line message) when the task refuses `eval.also[index]`'s options merged over
+    task.options; None when they are valid, or when task.options alone are refused (that error names
+    task.options when the task is built)."""
+    cls = task_class(recipe.task.name)
+    if cls is None:
+        return None
+    entry = recipe.eval.also[index]
+    try:
+        cls.Options.model_validate({**recipe.task.options, **entry.options})
+        return None
+    except ValidationError as exc:
+        try:
+            cls.Options.model_validate(recipe.task.options)
+        except ValidationError:
+            return None
+        prefix = dotted(["eval", "also", index, "options"])
+        message = first_pydantic_error(exc, prefix, cls.Options)
+        error = exc.errors()[0]
+        key = str(((error.get("ctx") or {}).get("field")) or (error["loc"][0] if error["loc"] else ""))
+        if key and key not in entry.options and key in recipe.task.options:
+            message += f" (task.options sets {key}; override it in {prefix})"
+        return ["eval", "also", index, "options", *([key] if key else [])], message
+
+
+def _where(path: Path | str, text: str, location: list) -> str:
+    """`file:line` of the deepest key of `location` present in the recipe text, else the file."""
+    line = _line_of(text, location)
+    return f"{path}:{line}" if line else str(path)
+
+
+def dotted(location: list) -> str:
+    """A recipe key path as a person writes it: `eval.also[0].name` (list positions in brackets)."""
+    text = ""
+    for part in location:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
 
 
 def format_validation_error(exc: ValidationError, path: Path, text: str) -> str:
     """The first pydantic error as `file:line: key.path: what is wrong; how to fix it`."""
     error = exc.errors()[0]
-    location = [str(p) for p in error["loc"]]
+    location = list(error["loc"])
     context = error.get("ctx") or {}
     if context.get("field"):  # a nested check that names the key inside the value it was given
         location.append(str(context["field"]))
-    key = ".".join(location) or "(recipe)"
-    line = _line_of(text, location)
-    where = f"{path}:{line}" if line else str(path)
+    if isinstance(context.get("path"), list):  # a check on a list that names the item (and key) at fault
+        location += context["path"]
+    key = dotted(location) or "(recipe)"
+    where = _where(path, text, location)
     kind = error["type"]
     if kind == "extra_forbidden":
         parent = _model_at(location[:-1])
         known = sorted(parent.model_fields) if parent else []
-        guess = difflib.get_close_matches(location[-1], known, n=1)
+        guess = difflib.get_close_matches(str(location[-1]), known, n=1)
         hint = f"did you mean '{guess[0]}'?" if guess else f"known keys here: {', '.join(known)}"
         return f"{where}: {key}: unknown key; {hint}"
     if kind == "missing":
@@ -409,10 +512,13 @@ def format_validation_error(exc: ValidationError, path: Path, text: str) -> str:
     message = clean_message(error["msg"])
     if kind == "less_than_equal":
         message = _too_large(location, context.get("le"), message)
-    return f"{where}: {key}: {message}{describe_input(error.get('input'), message)}"
+    given = error.get("input")
+    if isinstance(given, list) and any(isinstance(item, dict) for item in given):
+        given = None  # a list of sections (eval.also) says nothing shown whole
+    return f"{where}: {key}: {message}{describe_input(given, message)}"
 
 
-def _too_large(location: list[str], limit: Any, message: str) -> str:
+def _too_large(location: list, limit: Any, message: str) -> str:
     """`at most N (why)`, the why from the field's description, for the bounds that keep runs sane."""
     parent = _model_at(location[:-1])
     field = parent.model_fields.get(location[-1]) if parent else None
@@ -422,9 +528,11 @@ def _too_large(location: list[str], limit: Any, message: str) -> str:
     return f"too large: {description}"
 
 
-def _model_at(location: list[str]) -> type[BaseModel] | None:
+def _model_at(location: list) -> type[BaseModel] | None:
     model: type[BaseModel] | None = Recipe
     for part in location:
+        if isinstance(part, int):  # a position in a list: the list's items are the model found for the list
+            continue
         if model is None or part not in model.model_fields:
             return None
         annotation = model.model_fields[part].annotation
@@ -433,18 +541,24 @@ def _model_at(location: list[str]) -> type[BaseModel] | None:
     return model
 
 
-def _line_of(text: str, location: list[str]) -> int | None:
-    """1-based line of the deepest key of `location` present in the YAML text."""
+def _line_of(text: str, location: list) -> int | None:
+    """1-based line of the deepest key (or list item, for a position) of `location` present in the YAML text."""
     try:
         node = yaml.compose(text)
     except yaml.YAMLError:
         return None
     line = None
     for part in location:
+        if isinstance(part, int):
+            if not isinstance(node, yaml.SequenceNode) or not 0 <= part < len(node.value):
+                break
+            node = node.value[part]
+            line = node.start_mark.line + 1
+            continue
         if not isinstance(node, yaml.MappingNode):
             break
         for key_node, value_node in node.value:
-            if key_node.value == part:
+            if key_node.value == str(part):
                 line = key_node.start_mark.line + 1
                 node = value_node
                 break

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,7 +28,7 @@ from dgemma_ft.finetune.lora import attach_lora, save_adapter
 from dgemma_ft.finetune import model_loading  # called as model_loading.load_model: tests patch it there
 from dgemma_ft.finetune.model_loading import free_memory, preflight, resolve_device
 from dgemma_ft.finetune.objective import ObjectiveConfig
-from dgemma_ft.finetune.recipe import Recipe
+from dgemma_ft.finetune.recipe import Recipe, extra_options
 from dgemma_ft.finetune.run_folder import (RunState, checkpoint_step, claim, clear_unstarted, inspect,
                                            newest_complete_checkpoint)
 from dgemma_ft.output_paths import require_writable_dir
@@ -46,14 +46,22 @@ class TaskData:
     task: Task
     train: object  # datasets.Dataset
     eval: object | None
+    also: dict[str, object] = field(default_factory=dict)  # eval.also name -> its dataset
 
 
 def build_task_data(recipe: Recipe, train_size: int | None = None) -> TaskData:
-    """The task and its train/eval datasets, with every evaluation example kept out of training."""
+    """The task and its train/eval datasets (and each eval.also set), with every evaluation example kept out of
+    training."""
     section = recipe.task
     task = get_task(section.name, section.options)
     eval_set = task.build_dataset("eval", section.eval) if section.eval is not None else None
+    also = {}
     excluded: set[str] = set()
+    for index, entry in enumerate(recipe.eval.also):  # each with its own options, so its own task's keys
+        extra_task = get_task(section.name, extra_options(recipe, index))
+        also[entry.name] = extra_task.build_dataset("eval", entry.source_spec())
+        if section.exclude_eval_from_train:
+            excluded |= {extra_task.key(row) for row in also[entry.name]}
     if section.exclude_eval_from_train:
         if eval_set is not None:
             excluded |= {task.key(row) for row in eval_set}
@@ -64,7 +72,7 @@ def build_task_data(recipe: Recipe, train_size: int | None = None) -> TaskData:
     overlap = excluded & {task.key(row) for row in train_set}
     if overlap:  # build_dataset excludes them; this guards the guarantee itself
         raise UserError(f"{len(overlap)} evaluation example(s) leaked into the training data")
-    return TaskData(task=task, train=train_set, eval=eval_set)
+    return TaskData(task=task, train=train_set, eval=eval_set, also=also)
 
 
 def prepare_model(recipe: Recipe):
@@ -156,7 +164,8 @@ def _train(recipe: Recipe, run_dir: Path, checkpoint: Path | None, say) -> Path:
 
     data = build_task_data(recipe)
     say(f"[bold]task[/] {recipe.task.name}: {len(data.train)} training examples"
-        + (f", {len(data.eval)} evaluation examples (kept out of training)" if data.eval is not None else ""))
+        + (f", {len(data.eval)} evaluation examples (kept out of training)" if data.eval is not None else "")
+        + "".join(f", {len(rows)} in eval.also '{name}'" for name, rows in data.also.items()))
     model, tokenizer, loaded = prepare_model(recipe)
     trainable, total, counts = parameter_counts(model)
     say(f"[bold]model[/] {loaded.source}: {counts} ({recipe.finetune})")

@@ -71,7 +71,8 @@ def markdown(report: dict) -> str:
              f"Task `{report.get('task')}` on `{report.get('data')}` ({report.get('examples')} examples). "
              f"Sampler: entropy bound {report['sampler'].get('entropy_bound')}, temperature "
              f"{report['sampler'].get('t_max')} -> {report['sampler'].get('t_min')}, seed {report.get('seed')}.", "",
-             *_scope_lines(report.get("evaluation")), markdown_table(report["results"]), ""]
+             *_scope_lines(report.get("evaluation")), markdown_table(report["results"]), "",
+             *_also_lines(report.get("also"))]
     plots = report.get("plots", {})
     for name, title in (("solve_rate", "Solve rate vs denoising steps"), ("training_loss", "Training loss"),
                         ("trace", "One generation, step by step")):
@@ -80,8 +81,30 @@ def markdown(report: dict) -> str:
     return "\n".join(parts)
 
 
+def _also_lines(also: list[dict] | None) -> list[str]:
+    """The recipe's eval.also sets, one row per model and setting, each linking its own report."""
+    if not also:
+        return []
+    rows = ["## Also evaluated", "", "The recipe's `eval.also` sets, with the same sampler settings; each links its "
+            "own report (plots, predictions).", "", "| set | data | model | steps | solved | solve rate |",
+            "|---|---|---|---:|---:|---:|"]
+    for s in also:
+        options = ", ".join(f"{key}={value}" for key, value in (s.get("options") or {}).items())
+        data = f"`{s['data']}`" + (f" ({options})" if options else "")
+        rows.append(f"| [{s['name']}]({s['report']}) | {data} | {s['model']} | {s['steps']} | "
+                    f"{s['correct']}/{s['examples']} | {s['solve_rate']:.1%} |")
+    return rows + [""]
+
+
 def _scope_lines(evaluation: dict | None) -> list[str]:
     """Say up front when a report is not the recipe's full evaluation (a reader compares numbers across runs)."""
+    if evaluation and evaluation.get("scope") == "also":
+        summary = evaluation.get("summary")
+        where = f" ([its report]({summary}))" if summary else ""
+        options = ", ".join(f"{key}={value}" for key, value in (evaluation.get("options") or {}).items())
+        options = f", task options {options} over the recipe's" if options else ""
+        return [f"**Extra evaluation `{evaluation.get('name')}`** of the recipe (`eval.also`{options}), measured "
+                f"with the recipe's evaluation{where} and summed up there.", ""]
     if not evaluation or evaluation.get("scope") != "partial":
         return []
     return [f"**Partial evaluation** ({', '.join(evaluation.get('differences', []))}): not the recipe's full "

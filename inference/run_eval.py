@@ -4,7 +4,9 @@ setting, write the reports, and return them (a `Report`, a `Generation`)."""
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +22,7 @@ from dgemma_ft.errors import UserError
 from dgemma_ft.finetune import model_loading  # used as a module: tests patch model_loading.load_model
 from dgemma_ft.finetune.lora import load_adapter
 from dgemma_ft.finetune.model_loading import free_memory, is_run_folder, require_finished_run
-from dgemma_ft.finetune.recipe import Recipe, load_recipe
+from dgemma_ft.finetune.recipe import ExtraEval, Recipe, extra_options, load_recipe
 from dgemma_ft.inference.constraints import special_token_ids
 from dgemma_ft.inference.evaluate import (Setting, answer_room, check_prompt_fits, evaluate_setting, make_requests,
                                           position_limit)
@@ -154,6 +156,20 @@ def _resolve(target: str | Path | Recipe, adapter: str | None, device: str | Non
     raise UserError(f"{command}: '{target}' does not exist; give a run folder, a recipe .yaml or a merged model folder")
 
 
+@dataclass
+class _EvalSet:
+    """One data set an evaluation measures: the recipe's task.eval (or --data), or one of its eval.also sets."""
+
+    task: object
+    spec: SourceSpec
+    source_label: str  # how error lines name it
+    examples: list[dict]
+    full_examples: int | None
+    out: Path
+    entry: ExtraEval | None = None  # the eval.also entry, for an extra set
+    results: list = field(default_factory=list)
+
+
 def run_evaluation(target: str | Path | Recipe, adapter: str | None = None, include_base: bool = False,
                    data: str | None = None, limit: int | None = None, steps: list[int] | None = None,
                    pin: bool | None = None, renoise: bool | None = None, batch_size: int | str | None = None,
@@ -162,7 +178,9 @@ def run_evaluation(target: str | Path | Recipe, adapter: str | None = None, incl
     """Evaluate and write the reports; returns the report (report.json's contents, with the folder it is in).
     The recipe's own evaluation writes TARGET/eval; anything else (see `differences_from_recipe`) writes
     TARGET/evals/NAME unless `out_dir` is given, so a quick check never replaces the full report that the model
-    card shows. With a `console`, shows progress and prints the results table."""
+    card shows. The recipe's own evaluation also measures the base when eval.base is on (and a base is known),
+    and each eval.also set, written to TARGET/evals/NAME (OUT/evals/NAME with `out_dir`) and summed up in the
+    main report. With a `console`, shows progress and prints the results tables."""
     _check_eval_options(limit, steps, batch_size)
     if out_dir is not None:
         require_writable_dir(out_dir, "--out")  # before any data is read or model loaded
@@ -184,38 +202,88 @@ def run_evaluation(target: str | Path | Recipe, adapter: str | None = None, incl
                                           steps=step_list, pins=pins, renoises=renoises, seed=seed,
                                           compare=compare)
     out = _report_folder(resolved, out_dir, differences)
+    main = _EvalSet(task, spec, source_label, examples, full_examples, out)
+    # the recipe's own evaluation measures what its eval section lists; a partial one only what was asked
+    extras = [] if differences else _extra_sets(recipe, resolved, out_dir)
 
     models = [(resolved.kind, resolved.load)]
-    if include_base:
-        if resolved.load_base is None:
-            raise UserError(f"--base: no base model is known for '{_named(target)}'")
+    if include_base and resolved.load_base is None:
+        raise UserError(f"--base: no base model is known for '{_named(target)}'")
+    with_base = include_base or (not differences and recipe.eval.base and resolved.load_base is not None)
+    if with_base:
         models.append(("base", resolved.load_base))
-    results = []
     tokenizer = None
     sampler_defaults: dict = {}
     for name, load in models:
         model, tokenizer = load()
-        max_new = _answer_tokens(recipe, examples, tokenizer, model, source_label)
-        _check_prompts(examples, tokenizer, model, max_new, source_label)
+        rooms = []
+        for each in (main, *extras):  # every set's prompts fit, before any is evaluated
+            rooms.append(_answer_tokens(recipe, each.examples, tokenizer, model, each.source_label))
+            _check_prompts(each.examples, tokenizer, model, rooms[-1], each.source_label)
         sampler_defaults = sampler_defaults or vars(SamplerConfig.from_model(model))
-        for steps_count in step_list:
-            for pin_on in pins:
-                for renoise_on in renoises:
-                    setting = Setting(steps=steps_count, pin=pin_on, renoise=renoise_on, model=name)
-                    results.append(_run_with_progress(model, tokenizer, task, examples, setting, batch, seed,
-                                                      max_new, console))
+        for each, max_new in zip((main, *extras), rooms):
+            title = None if each.entry is None else each.entry.name
+            for steps_count in step_list:
+                for pin_on in pins:
+                    for renoise_on in renoises:
+                        setting = Setting(steps=steps_count, pin=pin_on, renoise=renoise_on, model=name)
+                        each.results.append(_run_with_progress(model, tokenizer, each.task, each.examples, setting,
+                                                               batch, seed, max_new, console, title))
         del model
         free_memory()  # before the next model (e.g. the base for comparison) loads
+    record = functools.partial(_evaluation_record, steps=step_list, pins=pins, renoises=renoises, seed=seed,
+                               include_base=with_base)
+    also = []
+    for each in extras:
+        header = {"target": resolved.label, "task": recipe.task.name, "data": each.spec.source,
+                  "options": each.entry.options, "examples": len(each.examples), "seed": seed,
+                  "evaluation": record([], len(each.examples), len(each.examples), extra=each.entry,
+                                       summary=_relative(out / "report.md", each.out)),
+                  "training": _training_summary(resolved)}
+        written = write_report(each.out, header, each.results, sampler_defaults, resolved.training_log, tokenizer)
+        also += [{"name": each.entry.name, "data": each.spec.source, "options": each.entry.options,
+                  **{key: row[key] for key in ALSO_FIGURES}, "report": _relative(each.out / "report.md", out)}
+                 for row in written["results"]]
     report_header = {"target": resolved.label, "task": recipe.task.name, "data": spec.source,
                      "examples": len(examples), "seed": seed,
-                     "evaluation": _evaluation_record(differences, len(examples), full_examples, step_list, pins,
-                                                      renoises, seed, include_base),
-                     "training": _training_summary(resolved)}
-    report = Report(write_report(out, report_header, results, sampler_defaults, resolved.training_log, tokenizer),
-                    out)
+                     "evaluation": record(differences, len(examples), full_examples),
+                     "training": _training_summary(resolved), **({"also": also} if extras else {})}
+    report = Report(write_report(out, report_header, main.results, sampler_defaults, resolved.training_log,
+                                 tokenizer), out)
     if console is not None:
-        _print_summary(console, report, recipe, spec, len(examples), out, differences)
+        _print_summary(console, report["results"], f"{recipe.task.name} on {spec.source} ({len(examples)} examples)")
+        for each in extras:
+            _print_summary(console, [r for r in also if r["name"] == each.entry.name],
+                           f"eval.also '{each.entry.name}': {each.spec.source} ({len(each.examples)} examples)")
+        _print_written(console, out, differences, [each.out for each in extras])
     return report
+
+
+ALSO_FIGURES = ("model", "steps", "pin", "renoise", "correct", "examples", "solve_rate", "tokens_per_forward",
+                "examples_per_second")  # what the main report keeps of each eval.also row
+
+
+def _extra_sets(recipe: Recipe, resolved: EvalTarget, out_dir) -> list[_EvalSet]:
+    """The recipe's eval.also sets, each with its own task options, examples and report folder (checked before
+    any model loads): TARGET/evals/NAME, or OUT/evals/NAME for a full evaluation written to --out."""
+    sets = []
+    for index, entry in enumerate(recipe.eval.also):
+        task = get_task(recipe.task.name, extra_options(recipe, index))
+        spec = entry.source_spec()
+        everything = [dict(row) for row in task.build_dataset("eval", spec)]
+        examples = everything[:entry.limit or recipe.eval.limit or len(everything)]
+        root = Path(out_dir) if out_dir is not None else resolved.out_dir.parent
+        folder = root / "evals" / entry.name
+        _refuse_model_folders(folder, resolved)
+        require_writable_dir(folder, f"eval.also[{index}] ('{entry.name}'): its report folder")
+        sets.append(_EvalSet(task, spec, f"eval.also[{index}] '{entry.name}' ('{spec.source}')", examples,
+                             len(examples), folder, entry=entry))
+    return sets
+
+
+def _relative(path: Path, start: Path) -> str:
+    """`path` as a link from a report in the folder `start` (forward slashes, as markdown links are)."""
+    return Path(os.path.relpath(path.resolve(), start.resolve())).as_posix()
 
 
 def _check_eval_options(limit, steps, batch_size) -> None:
@@ -238,20 +306,24 @@ def _named(target) -> str:
     return f"the recipe of {target.train.output_dir}" if isinstance(target, Recipe) else str(target)
 
 
-def _print_summary(console, report: dict, recipe: Recipe, spec, count: int, out: Path,
-                   differences: list[str]) -> None:
-    table = Table(title=f"{recipe.task.name} on {spec.source} ({count} examples)")
+def _print_summary(console, rows: list[dict], title: str) -> None:
+    table = Table(title=title)
     for column in ("model", "steps", "pin", "renoise", "solved", "rate", "tok/fwd", "ex/s"):
         table.add_column(column)
-    for s in report["results"]:
+    for s in rows:
         table.add_row(s["model"], str(s["steps"]), "on" if s["pin"] else "off", "on" if s["renoise"] else "off",
                       f"{s['correct']}/{s['examples']}", f"{s['solve_rate']:.1%}", f"{s['tokens_per_forward']:.2f}",
                       f"{s['examples_per_second']:.1f}")
     console.print(table)
+
+
+def _print_written(console, out: Path, differences: list[str], extra_folders: list[Path]) -> None:
     if differences:
         console.print(f"partial evaluation ({', '.join(differences)}): the recipe's full report is left as it was",
                       highlight=False, markup=False)
     console.print(f"reports written to {out}/ (report.md, report.json, predictions.jsonl, plots)", highlight=False)
+    for folder in extra_folders:
+        console.print(f"eval.also: reports written to {folder}/", highlight=False)
 
 
 # ------------------------------------------------------------------------------------ which evaluation this is
@@ -330,9 +402,14 @@ def _refuse_model_folders(out: Path, resolved: EvalTarget) -> None:
 
 
 def _evaluation_record(differences: list[str], examples: int, full_examples: int | None, steps: list[int],
-                       pins: list[bool], renoises: list[bool], seed: int, include_base: bool) -> dict:
-    """What report.json says about itself, so the model card can say which evaluation it shows."""
-    return {"scope": "partial" if differences else "full", "differences": differences, "examples": examples,
+                       pins: list[bool], renoises: list[bool], seed: int, include_base: bool,
+                       extra: ExtraEval | None = None, summary: str | None = None) -> dict:
+    """What report.json says about itself, so the model card can say which evaluation it shows. An eval.also
+    set's report says it is the recipe's extra evaluation NAME (scope "also"), with its options and where the
+    recipe's report (`summary`) sums it up."""
+    scope = "also" if extra is not None else "partial" if differences else "full"
+    named = {"name": extra.name, "options": extra.options, "limit": extra.limit, "summary": summary} if extra else {}
+    return {"scope": scope, **named, "differences": differences, "examples": examples,
             "full_examples": full_examples, "steps": list(steps), "pin": pins, "renoise": renoises, "seed": seed,
             "base_compared": include_base, "written_by": f"dgemma-ft {__version__} eval",
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
@@ -378,10 +455,11 @@ def _longest_target(examples, tokenizer) -> tuple[int, int]:
     return longest, where
 
 
-def _run_with_progress(model, tokenizer, task, examples, setting, batch, seed, max_new, console):
+def _run_with_progress(model, tokenizer, task, examples, setting, batch, seed, max_new, console, title=None):
     if console is None:
         return evaluate_setting(model, tokenizer, task, examples, setting, batch, seed, max_new, trace_index=0)
-    with Progress(TextColumn(f"[bold]eval[/] {setting.label}"), BarColumn(), MofNCompleteColumn(),
+    label = setting.label if title is None else f"{title}: {setting.label}"
+    with Progress(TextColumn(f"[bold]eval[/] {label}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("solved {task.fields[rate]}"), TimeElapsedColumn(), console=console,
                   transient=True) as progress:
         bar = progress.add_task("eval", total=len(examples), rate="-")
