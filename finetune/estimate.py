@@ -40,7 +40,7 @@ from transformers.utils import logging as hf_logging
 from dgemma_ft.errors import UserError
 from dgemma_ft.finetune.data import encode_example
 from dgemma_ft.finetune.model_loading import is_run_folder
-from dgemma_ft.finetune.recipe import Recipe, load_recipe
+from dgemma_ft.finetune.recipe import Recipe, load_recipe, source_options
 from dgemma_ft.finetune.tiny import build_tiny_tokenizer, tiny_config
 from dgemma_ft.plumbing import LOGIT_CHUNK_ELEMENTS, chunk_rows
 from dgemma_ft.tasks import get_task
@@ -400,10 +400,10 @@ def _sample_sources(recipe: Recipe, split: str):
 
 def _sample_lengths(recipe: Recipe, split: str, tokenizer, canvas: int) -> tuple[int, int] | None:
     """(longest prompt, longest response) over a few examples of the task, or None when no source is readable."""
-    task = get_task(recipe.task.name, recipe.task.options)
     for name, spec in _sample_sources(recipe, split):
         try:
-            data = task.build_dataset(name, spec.model_copy(update={"size": SAMPLE_EXAMPLES}))
+            task = get_task(recipe.task.name, source_options(recipe, name))
+            data = task.build_dataset(name, spec.source_spec().model_copy(update={"size": SAMPLE_EXAMPLES}))
         except UserError:
             continue
         lengths = [_example_tokens(row["messages"], tokenizer, canvas) for row in data]

@@ -7,7 +7,7 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
@@ -86,11 +86,25 @@ def tiny_parameters(spec: TinySpec) -> int:
     return spec.num_hidden_layers * (attention + mlp) + 2 * 128 * spec.hidden_size
 
 
+class TaskSource(SourceSpec):
+    """A split's data source (`task.train`, `task.eval`, or an `eval.also` set), with task options of its own over
+    task.options: e.g. generated training examples from one half of a vocabulary and evaluation examples from the
+    other, or 3-number Countdown evaluation for a task that trains on 3 and 4 numbers. The options change how the
+    source's rows are generated and read, and how they are judged."""
+
+    options: dict[str, Any] = Field(default_factory=dict, description="task options for this source, over "
+                                                                      "task.options")
+
+    def source_spec(self) -> SourceSpec:
+        """The data source alone (source, size, seed, strict, columns), as the task reads it."""
+        return SourceSpec(**self.model_dump(include=set(SourceSpec.model_fields)))
+
+
 class TaskSection(_Section):
     name: str
     options: dict[str, Any] = Field(default_factory=dict)
-    train: SourceSpec = Field(default_factory=SourceSpec)
-    eval: SourceSpec | None = None
+    train: TaskSource = Field(default_factory=TaskSource)
+    eval: TaskSource | None = None
     exclude_eval_from_train: bool = True
     exclude_sources: list[str] = Field(default_factory=list,
                                        description="more evaluation sources whose examples training must not contain")
@@ -179,14 +193,12 @@ EXTRA_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 MAX_EXTRA_NAME = 80
 
 
-class ExtraEval(SourceSpec):
+class ExtraEval(TaskSource):
     """One of `eval.also`: another data set the recipe's evaluation measures too (e.g. the skill a fine-tune must
     keep), with its own task options. Its source keys are those of `task.eval`; it is written to RUN/evals/NAME."""
 
     name: str = Field(description="names the set and its report folder RUN/evals/NAME: letters, digits, '.', "
                                   "'_', '-'")
-    options: dict[str, Any] = Field(default_factory=dict, description="task options for this set, over "
-                                                                      "task.options")
     limit: int | None = Field(None, gt=0, le=10_000_000, description="evaluate the first N examples (default: "
                                                                      "eval.limit); at most 10,000,000")
 
@@ -197,10 +209,6 @@ class ExtraEval(SourceSpec):
             raise ValueError(f"use up to {MAX_EXTRA_NAME} letters, digits, '.', '_' and '-' (it names the folder "
                              f"RUN/evals/NAME), e.g. 'four'")
         return value
-
-    def source_spec(self) -> SourceSpec:
-        """The set's data source alone (source, size, seed, strict, columns), as `task.eval` would hold it."""
-        return SourceSpec(**self.model_dump(include=set(SourceSpec.model_fields)))
 
 
 class EvalSection(_Section):
@@ -432,32 +440,44 @@ def _check_columns(recipe: Recipe, path: Path, text: str) -> None:
         if unknown is not None:
             location = [*where_in_recipe, "columns", unknown[0]]
             raise UserError(f"{_where(path, text, location)}: {dotted(location)}: {unknown[1]}")
-    for index in range(len(recipe.eval.also)):
-        problem = extra_options_problem(recipe, index)
+    for where_in_recipe, _ in specs:
+        problem = source_options_problem(recipe, where_in_recipe[-1])
         if problem is not None:
             location, message = problem
             raise UserError(f"{_where(path, text, location)}: {message}")
 
 
-def extra_options(recipe: Recipe, index: int) -> TaskOptions | dict[str, Any]:
-    """The task options of `eval.also[index]`: its `options` over task.options, validated by the task (a dict
-    when the task is unknown, which fails by name when it is built). Raises `UserError` naming the entry's key."""
-    problem = extra_options_problem(recipe, index)
+SourceName = Union[Literal["train", "eval"], int]  # task.train, task.eval, or eval.also[index]
+
+
+def _source_entry(recipe: Recipe, where: SourceName) -> tuple[list, TaskSource | None]:
+    """(its location in the recipe, the source) of task.train, task.eval or eval.also[where]."""
+    if isinstance(where, str):
+        return ["task", where], getattr(recipe.task, where)
+    return ["eval", "also", where], recipe.eval.also[where]
+
+
+def source_options(recipe: Recipe, where: SourceName) -> TaskOptions | dict[str, Any]:
+    """The task options of a source (task.train, task.eval or eval.also[index]): its `options` over task.options,
+    validated by the task (a dict when the task is unknown, which fails by name when it is built). Raises
+    `UserError` naming the source's key."""
+    problem = source_options_problem(recipe, where)
     if problem is not None:
         raise UserError(problem[1])
-    merged = {**recipe.task.options, **recipe.eval.also[index].options}
+    entry = _source_entry(recipe, where)[1]
+    merged = {**recipe.task.options, **(entry.options if entry is not None else {})}
     cls = task_class(recipe.task.name)
     return merged if cls is None else cls.Options.model_validate(merged)
 
 
-def extra_options_problem(recipe: Recipe, index: int) -> tuple[list, str] | None:
-    """(location in the recipe, one-line message) when the task refuses `eval.also[index]`'s options merged over
+def source_options_problem(recipe: Recipe, where: SourceName) -> tuple[list, str] | None:
+    """(location in the recipe, one-line message) when the task refuses a source's options merged over
     task.options; None when they are valid, or when task.options alone are refused (that error names
     task.options when the task is built)."""
     cls = task_class(recipe.task.name)
-    if cls is None:
+    location, entry = _source_entry(recipe, where)
+    if cls is None or entry is None or not entry.options:
         return None
-    entry = recipe.eval.also[index]
     try:
         cls.Options.model_validate({**recipe.task.options, **entry.options})
         return None
@@ -466,13 +486,13 @@ def extra_options_problem(recipe: Recipe, index: int) -> tuple[list, str] | None
             cls.Options.model_validate(recipe.task.options)
         except ValidationError:
             return None
-        prefix = dotted(["eval", "also", index, "options"])
+        prefix = dotted([*location, "options"])
         message = first_pydantic_error(exc, prefix, cls.Options)
         error = exc.errors()[0]
         key = str(((error.get("ctx") or {}).get("field")) or (error["loc"][0] if error["loc"] else ""))
         if key and key not in entry.options and key in recipe.task.options:
             message += f" (task.options sets {key}; override it in {prefix})"
-        return ["eval", "also", index, "options", *([key] if key else [])], message
+        return [*location, "options", *([key] if key else [])], message
 
 
 def _where(path: Path | str, text: str, location: list) -> str:

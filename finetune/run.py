@@ -28,7 +28,7 @@ from dgemma_ft.finetune.lora import attach_lora, save_adapter
 from dgemma_ft.finetune import model_loading  # called as model_loading.load_model: tests patch it there
 from dgemma_ft.finetune.model_loading import free_memory, preflight, resolve_device
 from dgemma_ft.finetune.objective import ObjectiveConfig
-from dgemma_ft.finetune.recipe import Recipe, extra_options
+from dgemma_ft.finetune.recipe import Recipe, source_options
 from dgemma_ft.finetune.run_folder import (RunState, checkpoint_step, claim, clear_unstarted, inspect,
                                            newest_complete_checkpoint)
 from dgemma_ft.output_paths import require_writable_dir
@@ -53,21 +53,27 @@ def build_task_data(recipe: Recipe, train_size: int | None = None) -> TaskData:
     """The task and its train/eval datasets (and each eval.also set), with every evaluation example kept out of
     training."""
     section = recipe.task
-    task = get_task(section.name, section.options)
-    eval_set = task.build_dataset("eval", section.eval) if section.eval is not None else None
+    task = get_task(section.name, source_options(recipe, "train"))  # each source with its own options
+    eval_set = None
     also = {}
     excluded: set[str] = set()
-    for index, entry in enumerate(recipe.eval.also):  # each with its own options, so its own task's keys
-        extra_task = get_task(section.name, extra_options(recipe, index))
-        also[entry.name] = extra_task.build_dataset("eval", entry.source_spec())
+    sources = [("eval", section.eval)] + list(enumerate(recipe.eval.also))
+    for where, entry in sources:
+        if entry is None:
+            continue
+        eval_task = get_task(section.name, source_options(recipe, where))
+        rows = eval_task.build_dataset("eval", entry.source_spec())
+        if where == "eval":
+            eval_set = rows
+        else:
+            also[entry.name] = rows
         if section.exclude_eval_from_train:
-            excluded |= {extra_task.key(row) for row in also[entry.name]}
+            excluded |= {eval_task.key(row) for row in rows}
     if section.exclude_eval_from_train:
-        if eval_set is not None:
-            excluded |= {task.key(row) for row in eval_set}
         for source in section.exclude_sources:
             excluded |= {task.key(row) for row in task.build_dataset("eval", SourceSpec(source=source))}
-    spec = section.train if train_size is None else section.train.model_copy(update={"size": train_size})
+    train = section.train.source_spec()
+    spec = train if train_size is None else train.model_copy(update={"size": train_size})
     train_set = task.build_dataset("train", spec, exclude_keys=excluded)
     overlap = excluded & {task.key(row) for row in train_set}
     if overlap:  # build_dataset excludes them; this guards the guarantee itself

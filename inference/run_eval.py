@@ -22,7 +22,7 @@ from dgemma_ft.errors import UserError
 from dgemma_ft.finetune import model_loading  # used as a module: tests patch model_loading.load_model
 from dgemma_ft.finetune.lora import load_adapter
 from dgemma_ft.finetune.model_loading import free_memory, is_run_folder, require_finished_run
-from dgemma_ft.finetune.recipe import ExtraEval, Recipe, extra_options, load_recipe
+from dgemma_ft.finetune.recipe import ExtraEval, Recipe, load_recipe, source_options
 from dgemma_ft.inference.constraints import special_token_ids
 from dgemma_ft.inference.evaluate import (Setting, answer_room, check_prompt_fits, evaluate_setting, make_requests,
                                           position_limit)
@@ -186,16 +186,16 @@ def run_evaluation(target: str | Path | Recipe, adapter: str | None = None, incl
         require_writable_dir(out_dir, "--out")  # before any data is read or model loaded
     resolved = resolve_target(target, adapter, device)
     recipe = resolved.recipe
-    task = get_task(recipe.task.name, recipe.task.options)
     spec, source_label = _eval_source(recipe, data, _named(target))
-    everything = [dict(row) for row in task.build_dataset("eval", spec)]
+    own_data = spec is recipe.task.eval
+    task = get_task(recipe.task.name, source_options(recipe, "eval") if own_data else recipe.task.options)
+    everything = [dict(row) for row in task.build_dataset("eval", _as_source(spec))]
     examples = everything[:limit or recipe.eval.limit or len(everything)]
     step_list = steps or recipe.eval.steps
     pins = [True, False] if compare else [recipe.eval.pin] if pin is None else [pin]
     renoises = [False, True] if compare else [recipe.eval.renoise] if renoise is None else [renoise]
     seed = recipe.eval.seed if seed is None else seed
     batch = batch_size or recipe.eval.batch_size
-    own_data = spec is recipe.task.eval
     full_examples = len(everything[:recipe.eval.limit or len(everything)]) if own_data else None
     differences = differences_from_recipe(recipe, adapter=adapter, data=None if own_data else data,
                                           limit=limit, examples=len(examples), full_examples=full_examples,
@@ -268,7 +268,7 @@ def _extra_sets(recipe: Recipe, resolved: EvalTarget, out_dir) -> list[_EvalSet]
     any model loads): TARGET/evals/NAME, or OUT/evals/NAME for a full evaluation written to --out."""
     sets = []
     for index, entry in enumerate(recipe.eval.also):
-        task = get_task(recipe.task.name, extra_options(recipe, index))
+        task = get_task(recipe.task.name, source_options(recipe, index))
         spec = entry.source_spec()
         everything = [dict(row) for row in task.build_dataset("eval", spec)]
         examples = everything[:entry.limit or recipe.eval.limit or len(everything)]
@@ -336,6 +336,11 @@ def _eval_source(recipe: Recipe, data: str | None, target) -> tuple[SourceSpec, 
     if own is None:
         raise UserError(f"{target}: the recipe has no task.eval source; pass --data FILE|hf:owner/name")
     return own, f"task.eval '{own.source}'"
+
+
+def _as_source(spec: SourceSpec) -> SourceSpec:
+    """The data source alone (a recipe's source also holds its task options, which the task was built with)."""
+    return spec.source_spec() if hasattr(spec, "source_spec") else spec
 
 
 def differences_from_recipe(recipe: Recipe, *, adapter: str | None, data: str | None, limit: int | None,
@@ -494,7 +499,8 @@ def generate_one(target: str | Path | Recipe, prompt: str | None = None, example
     trace_path = require_writable_file(trace, "--trace", TRACE_SUFFIXES) if trace else None
     resolved = resolve_target(target, adapter, device, command="generate")
     recipe = resolved.recipe
-    task = get_task(recipe.task.name, recipe.task.options)
+    own_data = not data or (recipe.task.eval is not None and data == recipe.task.eval.source)
+    task = get_task(recipe.task.name, source_options(recipe, "eval") if own_data else recipe.task.options)
     chosen, source_label = _chosen_example(task, recipe, data, example) if example is not None else (None, "")
     model, tokenizer = resolved.load()
     if chosen is not None:
@@ -526,7 +532,7 @@ def _chosen_example(task, recipe: Recipe, data: str | None, example: int) -> tup
     spec = SourceSpec(source=data) if data else recipe.task.eval
     if spec is None:
         raise UserError("generate --example: the recipe has no task.eval source; pass --data")
-    dataset = task.build_dataset("eval", spec)
+    dataset = task.build_dataset("eval", _as_source(spec))
     if not 0 <= example < len(dataset):
         raise UserError(f"--example {example}: the eval data has {len(dataset)} examples (0..{len(dataset) - 1})")
     return dict(dataset[example]), (f"--data '{data}'" if data else f"task.eval '{spec.source}'")

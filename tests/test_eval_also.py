@@ -168,12 +168,12 @@ SMALL_MODEL_SET = [item for line in SMALL_MODEL for item in ("--set", line)]
 
 def test_options_are_merged_over_the_tasks():
     from dgemma_ft.api import Recipe
-    from dgemma_ft.finetune.recipe import extra_options
+    from dgemma_ft.finetune.recipe import source_options
 
     recipe = Recipe.from_dict({"task": {"name": "sudoku", "options": {"box_rows": 2, "box_cols": 3, "max_blanks": 8,
                                                                         "prompt_style": "grid"}},
                                "finetune": "full", "eval": {"also": [{"name": "four", "options": {"box_cols": 2}}]}})
-    merged = extra_options(recipe, 0)
+    merged = source_options(recipe, 0)
     assert (merged.box_rows, merged.box_cols, merged.max_blanks, merged.prompt_style) == (2, 2, 8, "grid")
     with pytest.raises(UserError, match=r"^recipe: eval.also\[0\].options.box_cols"):
         Recipe.from_dict({"task": {"name": "sudoku"}, "finetune": "full",
