@@ -419,3 +419,14 @@ def test_reasons_stay_one_line_for_answers_with_line_breaks(task):
     for text in ("1 +\n2 = 3", "#### 4\n5", "(\n90 - 43)\n= 47"):
         assert "\n" not in task.validate(COUNTDOWN_EXAMPLE, text).reason
         assert "\n" not in task.validate(WORD_EXAMPLE, text).reason
+
+
+def test_countdown_compact_prompt_states_numbers_and_target_only():
+    task = get_task("math", {"family": "countdown", "prompt_style": "compact", "min_numbers": 3, "max_numbers": 3})
+    example = task.generate(1, 0)[0]
+    numbers = " ".join(str(n) for n in example["numbers"])
+    assert task.prompt(example) == f"{numbers} -> {example['target_value']}"
+    assert task.validate(example, task.target(example)).correct
+    trace = {**example, "final": "44-15=29,79-29=50"}
+    assert task.prompt(trace).endswith(" (steps)")
+    assert get_task("math", {"family": "countdown"}).prompt(example).startswith("Use the numbers")

@@ -22,6 +22,9 @@ class MathOptions(TaskOptions):
         "exactly_once", description="countdown: every number used exactly once (as d1 and Dream require), or each "
                                     "at most once (some may be left out)")
     worked_solution: bool = Field(True, description="word targets include the worked steps before '#### N'")
+    prompt_style: Literal["instruction", "compact"] = Field(
+        "instruction", description="countdown prompts: a sentence with the rule and the answer form, or only the "
+                                   "numbers and the target ('19 2 9 -> 30'; for small models, as sudoku's grid)")
 
     @model_validator(mode="after")
     def _check(self) -> MathOptions:

@@ -65,6 +65,9 @@ class MathTask(Task):
     # ---- format
     def prompt(self, example: dict[str, Any]) -> str:
         if _is_countdown(example):
+            if self.options.prompt_style == "compact":
+                numbers = " ".join(str(n) for n in example["numbers"])
+                return f"{numbers} -> {example['target_value']}{' (steps)' if _is_trace(example) else ''}"
             question = countdown_question(example["numbers"], example["target_value"], self.exactly_once)
             return f"{question} {TRACE_INSTRUCTION if _is_trace(example) else COUNTDOWN_INSTRUCTION}"
         return f"{example['question']}\n{WORD_INSTRUCTION}"
