@@ -13,6 +13,7 @@ from dgemma_ft.errors import UserError
 from dgemma_ft.tasks import get_task
 from dgemma_ft.tasks.json import schema_of
 from dgemma_ft.tasks.json.lexicon import BUILTIN_WORDS, TLDS, is_heldout
+from test_task_json import count_schema_features
 
 DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 SMALL = {"max_depth": 1, "min_properties": 2, "max_properties": 3}
@@ -88,19 +89,10 @@ def test_invented_examples_keep_the_structure(halves):
                 "email": 0, "minimum": 0, "boolean": 0, "number": 0, "integer": 0, "optional": 0, "person": 0,
                 "code": 0, "two-word name": 0}
     for example in examples[:500]:
-        schema, text = schema_of(example), example["schema_json"]
+        text = example["schema_json"]
         assert len(task.prompt(example)) <= 400
-        features["nested object"] += text.count('"type":"object"') > 1
-        features["array of scalars"] += '"items":{"type":"string"}' in text or '"items":{"type":"integer"}' in text
-        features["array of objects"] += '"items":{"type":"object"' in text
-        features["enum"] += '"enum"' in text
-        features["date"] += '"format":"date"' in text
-        features["email"] += '"format":"email"' in text
-        features["minimum"] += '"minimum"' in text
-        features["boolean"] += '"type":"boolean"' in text
-        features["number"] += '"type":"number"' in text
+        count_schema_features(features, text)
         features["integer"] += '"type":"integer"' in text
-        features["optional"] += len(schema["properties"]) > len(schema.get("required", []))
         features["person"] += re.search(r" is [A-Z][a-z]+ [A-Z][a-z]+(;|$)", example["facts"]) is not None
         features["code"] += re.search(r" is [A-Z]{1,3}\d{3,4}(;|$)", example["facts"]) is not None
         features["two-word name"] += re.search(r'"[a-z]+_[a-z]+":', text) is not None

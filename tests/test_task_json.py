@@ -18,6 +18,26 @@ from dgemma_ft.tasks.json.formats import STANDARD_FORMATS, format_note, unchecke
 from dgemma_ft.tasks.json.schema_checks import validator_class
 
 
+
+SCHEMA_FEATURES = {  # what generated schemas must keep showing, by a test on the compact schema text
+    "nested object": lambda text: text.count('"type":"object"') > 1,
+    "array of scalars": lambda text: '"items":{"type":"string"}' in text or '"items":{"type":"integer"}' in text,
+    "array of objects": lambda text: '"items":{"type":"object"' in text,
+    "enum": lambda text: '"enum"' in text,
+    "date": lambda text: '"format":"date"' in text,
+    "email": lambda text: '"format":"email"' in text,
+    "minimum": lambda text: '"minimum"' in text,
+    "boolean": lambda text: '"type":"boolean"' in text,
+    "number": lambda text: '"type":"number"' in text,
+    "optional": lambda text: len(json.loads(text)["properties"]) > len(json.loads(text).get("required", [])),
+}
+
+
+def count_schema_features(features: dict, schema_text: str) -> None:
+    """Add one to each feature of SCHEMA_FEATURES that the schema shows."""
+    for name, shows in SCHEMA_FEATURES.items():
+        features[name] = features.get(name, 0) + shows(schema_text)
+
 def fuzz(examples: int):
     return settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck),
                     derandomize=True)
@@ -366,16 +386,7 @@ def test_generator_seeded_valid_and_varied(task):
         for value in json.loads(target).values() if isinstance(json.loads(target), dict) else []:
             if not isinstance(value, (dict, list)):
                 assert str(value).lower() in example["facts"].lower()
-        features["nested object"] += schema.count('"type":"object"') > 1
-        features["array of scalars"] += '"items":{"type":"string"}' in schema or '"items":{"type":"integer"}' in schema
-        features["array of objects"] += '"items":{"type":"object"' in schema
-        features["enum"] += '"enum"' in schema
-        features["date"] += '"format":"date"' in schema
-        features["email"] += '"format":"email"' in schema
-        features["minimum"] += '"minimum"' in schema
-        features["boolean"] += '"type":"boolean"' in schema
-        features["number"] += '"type":"number"' in schema
-        features["optional"] += len(json.loads(schema)["properties"]) > len(json.loads(schema).get("required", []))
+        count_schema_features(features, schema)
         keys.add(task.key(example))
     assert all(count >= 10 for count in features.values()), features
     assert len(keys) == len(first)
