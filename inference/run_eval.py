@@ -189,7 +189,7 @@ def run_evaluation(target: str | Path | Recipe, adapter: str | None = None, incl
     spec, source_label = _eval_source(recipe, data, _named(target))
     own_data = spec is recipe.task.eval
     task = get_task(recipe.task.name, source_options(recipe, "eval") if own_data else recipe.task.options)
-    everything = [dict(row) for row in task.build_dataset("eval", _as_source(spec))]
+    everything = [dict(row) for row in task.build_dataset("eval", spec)]
     examples = everything[:limit or recipe.eval.limit or len(everything)]
     step_list = steps or recipe.eval.steps
     pins = [True, False] if compare else [recipe.eval.pin] if pin is None else [pin]
@@ -336,11 +336,6 @@ def _eval_source(recipe: Recipe, data: str | None, target) -> tuple[SourceSpec, 
     if own is None:
         raise UserError(f"{target}: the recipe has no task.eval source; pass --data FILE|hf:owner/name")
     return own, f"task.eval '{own.source}'"
-
-
-def _as_source(spec: SourceSpec) -> SourceSpec:
-    """The data source alone (a recipe's source also holds its task options, which the task was built with)."""
-    return spec.source_spec() if hasattr(spec, "source_spec") else spec
 
 
 def differences_from_recipe(recipe: Recipe, *, adapter: str | None, data: str | None, limit: int | None,
@@ -532,7 +527,7 @@ def _chosen_example(task, recipe: Recipe, data: str | None, example: int) -> tup
     spec = SourceSpec(source=data) if data else recipe.task.eval
     if spec is None:
         raise UserError("generate --example: the recipe has no task.eval source; pass --data")
-    dataset = task.build_dataset("eval", _as_source(spec))
+    dataset = task.build_dataset("eval", spec)
     if not 0 <= example < len(dataset):
         raise UserError(f"--example {example}: the eval data has {len(dataset)} examples (0..{len(dataset) - 1})")
     return dict(dataset[example]), (f"--data '{data}'" if data else f"task.eval '{spec.source}'")
