@@ -37,7 +37,9 @@ def check_loaded(recipe, name: str, run: Path | None = None) -> list[str]:
     lines.append(f"task {recipe.task.name}: options valid; train source '{recipe.task.train.source}' readable"
                  + (f"; eval source '{recipe.task.eval.source}' gives {len(data.eval)} examples"
                     if data.eval is not None else "")
-                 + "".join(f"; eval.also '{name}' gives {len(rows)} examples" for name, rows in data.also.items()))
+                 + "".join(f"; eval.also '{name}' gives {len(rows)} examples" for name, rows in data.also.items())
+                 + (f"; {len(recipe.task.train_also)} more training source(s) mixed in (task.train_also)"
+                    if recipe.task.train_also else ""))
     if canvas is None:
         lines.append(model_line)
         return lines

@@ -70,7 +70,8 @@ def datasets_of(recipe) -> list[str]:
     """Hub datasets named by the recipe's task sources (`hf:owner/name[:config][@split]`)."""
     if recipe is None:
         return []
-    sources = [spec.source for spec in (recipe.task.train, recipe.task.eval) if spec is not None]
+    sources = [spec.source for spec in (recipe.task.train, *recipe.task.train_also, recipe.task.eval)
+               if spec is not None]
     found = []
     for source in [*sources, *recipe.task.exclude_sources]:
         hub = _hub_dataset(source)

@@ -104,6 +104,9 @@ class TaskSection(_Section):
     name: str
     options: dict[str, Any] = Field(default_factory=dict)
     train: TaskSource = Field(default_factory=TaskSource)
+    train_also: list[TaskSource] = Field(default_factory=list,
+                                         description="more training sources mixed into task.train, each with "
+                                                     "its own options (e.g. rehearsal of a skill to keep)")
     eval: TaskSource | None = None
     exclude_eval_from_train: bool = True
     exclude_sources: list[str] = Field(default_factory=list,
@@ -433,27 +436,36 @@ def _check_columns(recipe: Recipe, path: Path, text: str) -> None:
     cls = task_class(recipe.task.name)
     if cls is None:  # an unknown task fails when it is built, with the list of known ones
         return
-    specs = [(["task", split], getattr(recipe.task, split)) for split in ("train", "eval")]
-    specs += [(["eval", "also", index], entry) for index, entry in enumerate(recipe.eval.also)]
-    for where_in_recipe, spec in specs:
+    for where in all_sources(recipe):
+        where_in_recipe, spec = _source_entry(recipe, where)
         unknown = cls.unknown_column(spec.columns) if spec is not None else None
         if unknown is not None:
             location = [*where_in_recipe, "columns", unknown[0]]
             raise UserError(f"{_where(path, text, location)}: {dotted(location)}: {unknown[1]}")
-    for where_in_recipe, _ in specs:
-        problem = source_options_problem(recipe, where_in_recipe[-1])
+    for where in all_sources(recipe):
+        problem = source_options_problem(recipe, where)
         if problem is not None:
             location, message = problem
             raise UserError(f"{_where(path, text, location)}: {message}")
 
 
-SourceName = Union[Literal["train", "eval"], int]  # task.train, task.eval, or eval.also[index]
+# task.train, task.eval, eval.also[index] (an int), or task.train_also[index] (("train_also", index))
+SourceName = Union[Literal["train", "eval"], int, tuple[str, int]]
+
+
+def all_sources(recipe: Recipe) -> list[SourceName]:
+    """Every data source the recipe names, as `source_options` takes them."""
+    return (["train", "eval"] + [("train_also", index) for index in range(len(recipe.task.train_also))]
+            + list(range(len(recipe.eval.also))))
 
 
 def _source_entry(recipe: Recipe, where: SourceName) -> tuple[list, TaskSource | None]:
-    """(its location in the recipe, the source) of task.train, task.eval or eval.also[where]."""
+    """(its location in the recipe, the source) of task.train, task.eval, eval.also[where] or
+    task.train_also[index]."""
     if isinstance(where, str):
         return ["task", where], getattr(recipe.task, where)
+    if isinstance(where, tuple):
+        return ["task", *where], recipe.task.train_also[where[1]]
     return ["eval", "also", where], recipe.eval.also[where]
 
 

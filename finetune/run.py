@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from datasets import concatenate_datasets
 from safetensors.torch import load_file
 
 from dgemma_ft.errors import Interrupted, UserError
@@ -72,13 +73,25 @@ def build_task_data(recipe: Recipe, train_size: int | None = None) -> TaskData:
     if section.exclude_eval_from_train:
         for source in section.exclude_sources:
             excluded |= {task.key(row) for row in task.build_dataset("eval", SourceSpec(source=source))}
-    train = section.train.source_spec()
-    spec = train if train_size is None else train.model_copy(update={"size": train_size})
-    train_set = task.build_dataset("train", spec, exclude_keys=excluded)
-    overlap = excluded & {task.key(row) for row in train_set}
-    if overlap:  # build_dataset excludes them; this guards the guarantee itself
-        raise UserError(f"{len(overlap)} evaluation example(s) leaked into the training data")
+    parts = []
+    for where, entry in [("train", section.train), *((("train_also", i), e) for i, e in
+                                                      enumerate(section.train_also))]:
+        part_task = task if where == "train" else get_task(section.name, source_options(recipe, where))
+        spec = entry.source_spec() if train_size is None else entry.source_spec().model_copy(
+            update={"size": min(train_size, entry.size or train_size)})
+        rows = part_task.build_dataset("train", spec, exclude_keys=excluded)
+        overlap = excluded & {part_task.key(row) for row in rows}
+        if overlap:  # build_dataset excludes them; this guards the guarantee itself
+            raise UserError(f"{len(overlap)} evaluation example(s) leaked into the training data")
+        parts.append(rows)
+    train_set = parts[0] if len(parts) == 1 else mixed(parts)
     return TaskData(task=task, train=train_set, eval=eval_set, also=also)
+
+
+def mixed(parts: list) -> object:
+    """One training set of several sources' rows (the Trainer shuffles them). Sources of one task can carry
+    different fields (a file's extra columns), so the mix keeps the chat `messages` training reads."""
+    return concatenate_datasets([part.select_columns(["messages"]) for part in parts])
 
 
 def prepare_model(recipe: Recipe):

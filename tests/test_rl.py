@@ -328,6 +328,8 @@ def test_rl_section_errors_name_the_key(tmp_path):
         load_recipe(recipe, ["rl.micro_batch=7"])
     with pytest.raises(UserError, match="LoRA adapter only"):
         rl_settings(load_recipe(recipe, ["finetune=full"]))
+    with pytest.raises(UserError, match=r"task\.train_also: rl draws its prompts from task\.train alone"):
+        rl_settings(load_recipe(recipe, ["task.train_also=[{source: generate, size: 4}]"]))
     with pytest.raises(UserError, match="no 'rl:' section"):
         rl_command(ROOT / "recipes" / "sudoku-4x4-tiny.yaml", [f"train.output_dir={tmp_path / 'x'}"])
     assert not (tmp_path / "x").exists()

@@ -77,3 +77,32 @@ def test_bad_source_options_name_the_key_and_line(tmp_path):
     with pytest.raises(UserError) as caught:
         load_recipe(path)
     assert "task.train.options" in str(caught.value) and "min_numbers" in str(caught.value)
+
+
+def test_train_also_mixes_sources_each_with_its_own_options(tmp_path):
+    path = _recipe(tmp_path, """\
+  name: sudoku
+  options: {box_rows: 2, box_cols: 3, min_blanks: 4, max_blanks: 10, prompt_style: grid}
+  train: {source: generate, size: 60, seed: 1}
+  train_also:
+    - {source: generate, size: 20, seed: 2, options: {box_cols: 2, max_blanks: 8}}
+  eval: {source: generate, size: 10, seed: 9}
+""")
+    recipe = load_recipe(path)
+    data = build_task_data(recipe)
+    widths = [len(row["messages"][-1]["content"].splitlines()[0]) for row in data.train]
+    assert len(data.train) == 80 and widths.count(6) == 60 and widths.count(4) == 20
+    eval_prompts = {row["messages"][0]["content"] for row in data.eval}
+    assert not eval_prompts & {row["messages"][0]["content"] for row in data.train}
+
+
+def test_bad_train_also_options_name_the_entry(tmp_path):
+    path = _recipe(tmp_path, """\
+  name: sudoku
+  train: {source: generate, size: 10}
+  train_also:
+    - {source: generate, size: 10, options: {box_colz: 2}}
+""")
+    with pytest.raises(UserError) as caught:
+        load_recipe(path)
+    assert "r.yaml:6" in str(caught.value) and "task.train_also[0].options" in str(caught.value)

@@ -38,6 +38,9 @@ def rl_settings(recipe: Recipe) -> RLConfig:
     if recipe.lora.dropout > 0:
         raise UserError(f"lora.dropout: dropout ({recipe.lora.dropout}) makes the new policy differ from the old "
                         f"one by chance, so the clipped ratio would not start at 1; set lora.dropout: 0 for rl")
+    if recipe.task.train_also:  # rewards judge each prompt with the one training task
+        raise UserError("task.train_also: rl draws its prompts from task.train alone; drop task.train_also (or "
+                        "make one file of the prompts you want and name it in task.train)")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("dgemma-ft rl runs in one process; start it without torchrun / accelerate launch")
     return recipe.rl
