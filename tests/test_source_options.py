@@ -2,6 +2,7 @@
 data can come from one half of the JSON vocabulary and the evaluation from the other; a Countdown recipe can train
 on 3 and 4 numbers and evaluate on 3. Bad options are one line naming the source's key."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,22 @@ def test_bad_train_also_options_name_the_entry(tmp_path):
     with pytest.raises(UserError) as caught:
         load_recipe(path)
     assert "r.yaml:6" in str(caught.value) and "task.train_also[0].options" in str(caught.value)
+
+
+def test_the_recipes_evaluation_judges_its_own_source_with_its_options(tmp_path):
+    """json-tiny trains on one vocabulary half; its evaluation (after training, and `eval RUN`) reads and judges
+    the heldout half."""
+    from dgemma_ft.finetune.run import train
+    from dgemma_ft.inference.run_eval import run_evaluation
+    from dgemma_ft.tasks.json.lexicon import is_heldout
+    from cli_helpers import SMALL_MODEL
+
+    run = train(load_recipe(ROOT / "recipes" / "json-tiny.yaml", [
+        *SMALL_MODEL, "task.train.size=16", "task.eval.size=3", "train.steps=1", "train.warmup_steps=0",
+        "train.batch_size=2", "train.threads=1", f"train.output_dir={tmp_path / 'run'}"]))
+    report = run_evaluation(run, steps=[1], out_dir=tmp_path / "eval")
+    predictions = [json.loads(line) for line in (report.folder / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 3
+    for row in predictions:
+        schema = json.loads(row["prompt"].split("Schema: ", 1)[1].split("\n", 1)[0])
+        assert all(is_heldout(word) for name in _names(schema) for word in name.split("_"))
