@@ -71,6 +71,11 @@ def check_model(section) -> tuple[str, object | None, int | None]:
     """(line, tokenizer, canvas length) for the recipe's model, checked as far as possible without loading
     weights: the backend, the name, a folder's config, weights and tokenizer, a run folder's recipes, the tiny
     sizes. Tokenizer and canvas are None for a Hub id (nothing is downloaded)."""
+    line, tokenizer, canvas = _check_model(section)
+    return line, tokenizer, section.canvas_length or canvas  # model.canvas_length overrides the checkpoint's
+
+
+def _check_model(section) -> tuple[str, object | None, int | None]:
     kind = preflight(section)  # what `load_model` checks first, in training too
     name = section.name
     if kind == "tiny":
@@ -105,6 +110,9 @@ def _run_tokenizer_and_canvas(run: Path):
             break
         check_adapter_folder(folder / "adapter", run=folder)
         base = recipe.model
+        if base.canvas_length is not None:  # the adapter was trained (and is loaded) at this canvas
+            canvas = base.canvas_length
+            break
         kind = run_base_kind(folder, base.name)
         if kind == "tiny":
             canvas = base.tiny.canvas_length

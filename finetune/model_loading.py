@@ -259,6 +259,20 @@ def load_model(section: ModelSection, merge_adapter: bool = True) -> LoadedModel
     """The model and tokenizer for `section`, on `section.device`; errors say what to change. A run folder's
     adapter is merged in memory (so a new adapter can go on top) unless `merge_adapter` is False (evaluation runs it
     as it is)."""
+    loaded = _load(section, merge_adapter)
+    if section.canvas_length is not None:
+        set_canvas_length(loaded.model, section.canvas_length)
+    return loaded
+
+
+def set_canvas_length(model, canvas_length: int) -> None:
+    """The recipe's `model.canvas_length` over the checkpoint's: the objective, the sampler and the RL records read
+    the block length from the config, and `save_pretrained` writes it, so one assignment carries it everywhere
+    (the weights do not depend on it: positions are rotary)."""
+    model.config.canvas_length = canvas_length  # a PeftModel hands this to the wrapped model's config
+
+
+def _load(section: ModelSection, merge_adapter: bool) -> LoadedModel:
     kind = preflight(section)
     dtype = resolve_dtype(section.dtype)
     if section.backend == "unsloth":  # Unsloth places the model itself (on the GPU)

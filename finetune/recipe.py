@@ -46,6 +46,9 @@ class ModelSection(_Section):
     backend: Literal["peft", "unsloth"] = "peft"
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$",
                         description="auto (the GPU when one is present), cpu, cuda, cuda:N or mps")
+    canvas_length: int | None = Field(None, gt=0, le=TINY_LIMITS["canvas_length"],
+                                      description="the decoder's canvas (block) length for training, sampling and "
+                                                  "saving; default: the checkpoint's (256 in the release)")
     tiny: TinySpec = Field(default_factory=TinySpec)
 
     @field_validator("name")

@@ -138,6 +138,26 @@ def test_arithmetic_generator(options):
     assert len({task.key(e) for e in examples}) > 300 or hi == 1
 
 
+def test_equation_solutions_and_compact_prompt_keep_the_problems():
+    """`solution_style: equations` writes each worked step as its bare equation (same problems, same seed, a
+    third of the target); `prompt_style: compact` drops the instruction line from word prompts."""
+    sentences = get_task("math", {"min_steps": 1, "max_steps": 2})
+    short = get_task("math", {"min_steps": 1, "max_steps": 2, "solution_style": "equations",
+                              "prompt_style": "compact"})
+    long_rows, short_rows = sentences.generate(200, seed=3), short.generate(200, seed=3)
+    for long_row, row in zip(long_rows, short_rows):
+        assert row["question"] == long_row["question"] and row["final"] == long_row["final"]
+        *lines, _ = row["answer"].split("\n")
+        assert all(EQUATION.fullmatch(line) for line in lines), row["answer"]
+        assert [EQUATION.findall(line) for line in lines] == [EQUATION.findall(line)
+                                                               for line in long_row["answer"].split("\n")[:-1]]
+        check_worked_solution(row["answer"], 1, 2)
+        assert short.prompt(row) == row["question"] and "####" not in short.prompt(row)
+        assert short.validate(row, short.target(row)).correct
+    assert sum(map(len, (r["answer"] for r in short_rows))) < 0.6 * sum(map(len, (r["answer"] for r in long_rows)))
+    assert short.key(short_rows[0]) == sentences.key(long_rows[0])  # the held-out exclusion sees the same problem
+
+
 def test_worked_solution_off_gives_the_final_line_only():
     task = get_task("math", {"worked_solution": False})
     example = task.generate(1, seed=0)[0]

@@ -20,9 +20,12 @@ def _divisors(value: int, limit: int) -> list[int]:
     return [k for k in range(2, min(value, limit) + 1) if value % k == 0 and value // k >= 1]
 
 
-def make_arithmetic(rng: random.Random, min_steps: int, max_steps: int, max_operand: int) -> dict[str, Any]:
+def make_arithmetic(rng: random.Random, min_steps: int, max_steps: int, max_operand: int,
+                    style: str = "sentences") -> dict[str, Any]:
     """One word problem of `min_steps..max_steps` operations; every intermediate value is a whole number
-    >= 1, and each operation is one 'a op b = c' line of the worked solution."""
+    >= 1, and each operation is one 'a op b = c' line of the worked solution: a sentence, or with
+    `style="equations"` the equation alone. The random draws do not depend on the style, so a seed gives the same
+    problems either way."""
     name, subject, their = rng.choice(_PEOPLE)
     item = rng.choice(_ITEMS)
     steps = rng.randint(min_steps, max_steps)
@@ -31,6 +34,9 @@ def make_arithmetic(rng: random.Random, min_steps: int, max_steps: int, max_oper
     lines: list[str] = []
 
     def line(a: int, op: str, b: int, c: int, who: str | None = None, what: str | None = None) -> None:
+        if style == "equations":
+            lines.append(f"{a} {op} {b} = {c}")
+            return
         who = who or (name if not lines else subject.capitalize())
         verb = "gets" if who == "Each friend" else ("fills" if what == "boxes" else "has")
         lines.append(f"{who} {verb} {a} {op} {b} = {c} {what or item}.")

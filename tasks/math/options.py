@@ -22,9 +22,13 @@ class MathOptions(TaskOptions):
         "exactly_once", description="countdown: every number used exactly once (as d1 and Dream require), or each "
                                     "at most once (some may be left out)")
     worked_solution: bool = Field(True, description="word targets include the worked steps before '#### N'")
+    solution_style: Literal["sentences", "equations"] = Field(
+        "sentences", description="arithmetic: each worked step as a sentence ('Mia has 12 + 7 = 19 shells.') or "
+                                 "as the bare equation ('12 + 7 = 19'; a third of the tokens, for small models)")
     prompt_style: Literal["instruction", "compact"] = Field(
-        "instruction", description="countdown prompts: a sentence with the rule and the answer form, or only the "
-                                   "numbers and the target ('19 2 9 -> 30'; for small models, as sudoku's grid)")
+        "instruction", description="countdown: a sentence with the rule and the answer form, or only the numbers "
+                                   "and the target ('19 2 9 -> 30'); word problems: the question with or without "
+                                   "the '#### <number>' instruction line (for small models, as sudoku's grid)")
 
     @model_validator(mode="after")
     def _check(self) -> MathOptions:

@@ -55,7 +55,7 @@ class MathTask(Task):
         if o.family == "countdown":
             return [make_countdown(rng, o.min_numbers, o.max_numbers, o.max_operand, o.max_target, self.exactly_once)
                     for _ in range(size)]
-        return [make_arithmetic(rng, o.min_steps, o.max_steps, o.max_operand) for _ in range(size)]
+        return [make_arithmetic(rng, o.min_steps, o.max_steps, o.max_operand, o.solution_style) for _ in range(size)]
 
     def from_row(self, row: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
         if is_countdown_row(row, columns):
@@ -70,6 +70,8 @@ class MathTask(Task):
                 return f"{numbers} -> {example['target_value']}{' (steps)' if _is_trace(example) else ''}"
             question = countdown_question(example["numbers"], example["target_value"], self.exactly_once)
             return f"{question} {TRACE_INSTRUCTION if _is_trace(example) else COUNTDOWN_INSTRUCTION}"
+        if self.options.prompt_style == "compact":
+            return example["question"]
         return f"{example['question']}\n{WORD_INSTRUCTION}"
 
     def target(self, example: dict[str, Any]) -> str:
