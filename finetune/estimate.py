@@ -133,7 +133,15 @@ def shipped_config_dir(name: str) -> Path:
 
 
 def resolve_model(section) -> ModelSource:
-    """The config (and tokenizer, if local) of the recipe's `model` section, without loading any weights."""
+    """The config (and tokenizer, if local) of the recipe's `model` section, without loading any weights, with
+    `model.canvas_length` over the checkpoint's as `load_model` sets it."""
+    source = _resolve_model(section)
+    if section.canvas_length is not None:
+        source.config.canvas_length = section.canvas_length
+    return source
+
+
+def _resolve_model(section) -> ModelSource:
     name = section.name
     if name == "tiny":
         return _tiny_source(section.tiny)

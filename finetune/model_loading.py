@@ -261,15 +261,11 @@ def load_model(section: ModelSection, merge_adapter: bool = True) -> LoadedModel
     as it is)."""
     loaded = _load(section, merge_adapter)
     if section.canvas_length is not None:
-        set_canvas_length(loaded.model, section.canvas_length)
+        # the recipe's block length over the checkpoint's: the objective, the sampler and the RL records read it
+        # from the config and save_pretrained writes it (the weights do not depend on it: positions are rotary);
+        # a PeftModel hands the attribute to the wrapped model's config
+        loaded.model.config.canvas_length = section.canvas_length
     return loaded
-
-
-def set_canvas_length(model, canvas_length: int) -> None:
-    """The recipe's `model.canvas_length` over the checkpoint's: the objective, the sampler and the RL records read
-    the block length from the config, and `save_pretrained` writes it, so one assignment carries it everywhere
-    (the weights do not depend on it: positions are rotary)."""
-    model.config.canvas_length = canvas_length  # a PeftModel hands this to the wrapped model's config
 
 
 def _load(section: ModelSection, merge_adapter: bool) -> LoadedModel:

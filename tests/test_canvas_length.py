@@ -8,6 +8,7 @@ import pytest
 
 from dgemma_ft.errors import UserError
 from dgemma_ft.finetune.check import check_recipe
+from dgemma_ft.finetune.estimate import estimate
 from dgemma_ft.finetune.model_loading import load_model
 from dgemma_ft.finetune.recipe import ModelSection, load_recipe
 from dgemma_ft.finetune.run import train
@@ -68,3 +69,11 @@ def test_bad_canvas_length_is_one_line_naming_the_field(value):
         load_recipe(ROOT / "recipes" / "sudoku-4x4-tiny.yaml", [f"model.canvas_length={value}"])
     message = str(caught.value)
     assert "model.canvas_length" in message and "\n" not in message
+
+
+def test_estimate_plans_the_recipes_canvas():
+    """`estimate` reads no weights, but plans the step at the recipe's canvas, as training will run it."""
+    released = estimate(load_recipe(ROOT / "recipes" / "sudoku.yaml", []))
+    shorter = estimate(load_recipe(ROOT / "recipes" / "sudoku.yaml", ["model.canvas_length=128"]))
+    assert released.step.canvas == 256 and shorter.step.canvas == 128
+    assert shorter.step.encoder_length == released.step.encoder_length - 128
